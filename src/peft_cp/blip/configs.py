@@ -1,0 +1,47 @@
+"""Small BLIP configurations, for tests and offline demos that build a randomly initialised model."""
+
+from __future__ import annotations
+
+from transformers import BlipConfig
+
+
+def small_blip_config(
+    vision_width: int = 48,
+    text_width: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vocab_size: int = 100,
+    projection_dim: int = 16,
+) -> BlipConfig:
+    """A BLIP config of the given sizes (BLIP-base is 768 / 768 / 12 layers / 12 heads / 384 px).
+
+    The vision and text widths differ by default, so that the cross-attention keys and values are
+    not square: every code path that must handle several matrix shapes is exercised.
+    """
+    special_tokens = {"bos_token_id": 1, "sep_token_id": 2, "pad_token_id": 0}
+    text_config = {
+        "hidden_size": text_width,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "intermediate_size": 2 * text_width,
+        "vocab_size": vocab_size,
+        "encoder_hidden_size": vision_width,
+        "max_position_embeddings": 64,
+        **special_tokens,
+    }
+    vision_config = {
+        "hidden_size": vision_width,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "intermediate_size": 2 * vision_width,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        # BLIP's vision default (1e-10) suits loading pre-trained weights; a randomly initialised
+        # encoder with it outputs ~1e-7 and passes back no gradient.
+        "initializer_range": 0.02,
+    }
+    return BlipConfig(
+        text_config=text_config, vision_config=vision_config, projection_dim=projection_dim
+    )

@@ -1,0 +1,147 @@
+"""The adapted linear layer: base output plus the CP update read from the factor store."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .store import AuroraFactorStore
+
+
+class AuroraLayer(BaseTunerLayer):
+    """Per-layer state of Aurora: which rows of P the layer's matrices use, and its dropout.
+
+    The factors themselves live in one `AuroraFactorStore` per adapter, owned by the tuner model;
+    a layer keeps only a reference to it (not a submodule), so the factors are stored and saved
+    once however many layers read them.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("aurora_dropout",)
+    other_param_names: tuple[str, ...] = ("aurora_rows", "aurora_scale", "aurora_stores")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.aurora_dropout = nn.ModuleDict({})
+        self.aurora_rows: dict[str, slice] = {}
+        self.aurora_scale: dict[str, float] = {}
+        self.aurora_stores: dict[str, AuroraFactorStore] = {}
+
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base_layer = self.get_base_layer()
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        store: AuroraFactorStore,
+        rows: slice,
+        scale: float,
+        dropout: float,
+        inference_mode: bool = False,
+    ) -> None:
+        num_slices = rows.stop - rows.start
+        assert self.out_features % num_slices == 0, "validated when the rows were planned"
+
+        self.aurora_stores[adapter_name] = store
+        self.aurora_rows[adapter_name] = rows
+        self.aurora_scale[adapter_name] = scale
+        self.aurora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _slice_shape(self, adapter_name: str) -> tuple[int, int]:
+        rows = self.aurora_rows[adapter_name]
+        return self.out_features // (rows.stop - rows.start), self.in_features
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """dW of this layer, (out_features, in_features): its slices' updates stacked by rows."""
+        store = self.aurora_stores[adapter_name]
+        d_out, d_in = self._slice_shape(adapter_name)
+        return store.delta_weight(
+            self.aurora_rows[adapter_name], d_out, d_in, self.aurora_scale[adapter_name]
+        )
+
+
+class Linear(nn.Module, AuroraLayer):
+    """`nn.Linear` plus the Aurora update: y = x W^T + b + x dW^T, dW = U diag(lam * P[k]) V^T.
+
+    A fused projection (BLIP's vision `qkv`) is S matrices stacked by rows; slice s uses row
+    `rows.start + s` of P, and the S updates are applied by one matmul.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str,
+        store: AuroraFactorStore,
+        rows: slice,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        AuroraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, store, rows, scale, dropout)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the updates of the given (default: active) adapters into the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_weight = self.get_base_layer().weight
+
+        for name in adapter_names:
+            if name not in self.aurora_stores:
+                continue
+            delta = self.get_delta_weight(name).to(base_weight.dtype)
+            if safe_merge:
+                merged = base_weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"Merging adapter {name!r} produced non-finite weights.")
+                base_weight.data = merged
+            else:
+                base_weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged updates from the base weight, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base_weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.aurora_stores:
+                base_weight.data -= self.get_delta_weight(name).to(base_weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.aurora_stores:
+                continue
+            store = self.aurora_stores[name]
+            d_out, d_in = self._slice_shape(name)
+            factor_dtype = store.P.dtype
+
+            x_in = self._cast_input_dtype(self.aurora_dropout[name](x), factor_dtype)
+            hidden = x_in @ store.V(d_in)  # (..., R)
+            up = store.up_weight(self.aurora_rows[name], d_out, self.aurora_scale[name])
+            result = result + (hidden @ up.T).to(result.dtype)  # (..., S*d_out)
+        return result
+
+    def __repr__(self) -> str:
+        return "aurora." + super().__repr__()
