@@ -128,9 +128,11 @@ def test_row_sharing_can_be_switched_off(tiny_vqa):
 
 def test_merge_unmerge_round_trip(tiny_retrieval, retrieval_inputs):
     model = get_peft_model(tiny_retrieval, AuroraConfig(rank=4, init_weights=False))
-    weight = model.get_submodule(
-        "base_model.model.text_encoder.encoder.layer.0.attention.self.query"
-    ).get_base_layer().weight
+    weight = (
+        model.get_submodule("base_model.model.text_encoder.encoder.layer.0.attention.self.query")
+        .get_base_layer()
+        .weight
+    )
     original = weight.detach().clone()
     adapted = itm(model, retrieval_inputs)
 

@@ -137,7 +137,9 @@ class AuroraConfig(PeftConfig):
         The safetensors header is read and checked against the file size, so a truncated or
         corrupt adapter is reported here, before `PeftModel.from_pretrained` touches the model.
         """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = super().from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
         folder = Path(pretrained_model_name_or_path)
         if subfolder:
             folder = folder / subfolder

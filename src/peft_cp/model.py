@@ -1,4 +1,4 @@
-"""The Aurora tuner: finds the target matrices, assigns their rows of P and owns the factor store."""
+"""The Aurora tuner: finds the targets, assigns their rows of P and owns the factor store."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def plan_rows(model: nn.Module, config: AuroraConfig) -> RowPlan:
     if fused_slices is None:
         fused_slices = DEFAULT_FUSED_SLICES.get(model_type, {})
     sharing_is_default = config.row_sharing is None
-    row_sharing = DEFAULT_ROW_SHARING.get(model_type, {}) if sharing_is_default else config.row_sharing
+    row_sharing = (
+        DEFAULT_ROW_SHARING.get(model_type, {}) if sharing_is_default else config.row_sharing
+    )
 
     targets: dict[str, nn.Linear] = {}
     tuner_layer_names: list[str] = []
@@ -161,7 +163,9 @@ class AuroraModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state: bool = True
 
-    def _prepare_adapter_config(self, peft_config: AuroraConfig, model_config: dict) -> AuroraConfig:
+    def _prepare_adapter_config(
+        self, peft_config: AuroraConfig, model_config: dict
+    ) -> AuroraConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
@@ -242,7 +246,9 @@ class AuroraModel(BaseTuner):
             )
             return
 
-        new_module = Linear(target, adapter_name, store, rows, peft_config.scale, peft_config.dropout)
+        new_module = Linear(
+            target, adapter_name, store, rows, peft_config.scale, peft_config.dropout
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -1,4 +1,4 @@
-"""Small BLIP configurations, for tests and offline demos that build a randomly initialised model."""
+"""Small BLIP configurations, for tests and offline demos that build a random model."""
 
 from __future__ import annotations
 
