@@ -14,11 +14,14 @@ def small_blip_config(
     patch_size: int = 8,
     vocab_size: int = 100,
     projection_dim: int = 16,
+    init_std: float = 0.02,
 ) -> BlipConfig:
     """A BLIP config of the given sizes (BLIP-base is 768 / 768 / 12 layers / 12 heads / 384 px).
 
     The vision and text widths differ by default, so that the cross-attention keys and values are
-    not square: every code path that must handle several matrix shapes is exercised.
+    not square: every code path that must handle several matrix shapes is exercised. `init_std`
+    is the standard deviation of the random weights; a model trained from scratch on a small demo
+    wants about 1/sqrt(width), so that attention mixes tokens from the start.
     """
     special_tokens = {"bos_token_id": 1, "sep_token_id": 2, "pad_token_id": 0}
     text_config = {
@@ -29,6 +32,7 @@ def small_blip_config(
         "vocab_size": vocab_size,
         "encoder_hidden_size": vision_width,
         "max_position_embeddings": 64,
+        "initializer_range": init_std,
         **special_tokens,
     }
     vision_config = {
@@ -40,7 +44,7 @@ def small_blip_config(
         "patch_size": patch_size,
         # BLIP's vision default (1e-10) suits loading pre-trained weights; a randomly initialised
         # encoder with it outputs ~1e-7 and passes back no gradient.
-        "initializer_range": 0.02,
+        "initializer_range": init_std,
     }
     return BlipConfig(
         text_config=text_config, vision_config=vision_config, projection_dim=projection_dim

@@ -1,0 +1,232 @@
+"""A small Accelerate training loop shared by the retrieval and question-answering recipes.
+
+AdamW on the trainable parameters, cosine decay, one checkpoint per epoch (adapter, optimizer,
+scheduler, progress) written atomically, `resume=True` to continue from the last complete one,
+and the best adapter by a validation metric saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+CHECKPOINTS = "checkpoints"
+BEST = "best_adapter"
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation and bookkeeping settings of `fit` (per-process batch size)."""
+
+    output_dir: str
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    resume: bool = False
+    log_every: int = 10
+    num_workers: int = 0
+    max_steps: int | None = None
+
+
+@dataclass
+class FitResult:
+    """What `fit` did: the metrics of each evaluation and the best one."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    steps: int = 0
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.iterdir() if (p / "trainer_state.json").is_file()]
+    return max(
+        complete,
+        key=lambda p: json.loads((p / "trainer_state.json").read_text())["epoch"],
+        default=None,
+    )
+
+
+def _save_checkpoint(
+    accelerator: Accelerator,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    output_dir: Path,
+    state: dict[str, Any],
+) -> None:
+    # Written to a temporary folder and renamed, so a crash mid-save leaves the last complete
+    # checkpoint as it was.
+    if not accelerator.is_main_process:
+        return
+    final = output_dir / CHECKPOINTS / f"epoch_{state['epoch']}"
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    unwrapped = accelerator.unwrap_model(model)
+    adapter = get_peft_model_state_dict(unwrapped, adapter_name=unwrapped.active_adapter)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+        partial / "adapter.safetensors",
+    )
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+
+
+def _load_checkpoint(
+    accelerator: Accelerator,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    folder: Path,
+) -> dict[str, Any]:
+    unwrapped = accelerator.unwrap_model(model)
+    adapter = load_file(folder / "adapter.safetensors", device=str(accelerator.device))
+    set_peft_model_state_dict(unwrapped, adapter, adapter_name=unwrapped.active_adapter)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def fit(
+    model: PeftModel,
+    train_dataset: Dataset,
+    collate_fn: Callable[[list], dict[str, Any]],
+    loss_fn: Callable[[PeftModel, dict[str, Any]], torch.Tensor],
+    args: TrainingArguments,
+    accelerator: Accelerator,
+    evaluate: Callable[[PeftModel], dict[str, float]] | None = None,
+    metric_key: str | None = None,
+) -> FitResult:
+    """Train the trainable parameters of `model` on `train_dataset`.
+
+    `loss_fn(model, batch)` returns the scalar loss of a batch. After each epoch, `evaluate(model)`
+    (run on every process) returns metrics; the adapter with the highest `metric_key` is saved
+    to `<output_dir>/best_adapter` (without `evaluate`, the last one is). Each epoch starts from
+    `seed + epoch` for shuffling, dropout and sampling, so a resumed run ends with the same adapter
+    as an uninterrupted one.
+    """
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(
+        len(train_dataset)
+        / (args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    )
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    result = FitResult()
+    start_epoch = 0
+    if args.resume:
+        checkpoint = _latest_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.warning(f"resume: no checkpoint in {output_dir / CHECKPOINTS}; starting anew.")
+        else:
+            state = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
+            start_epoch, result.steps = state["epoch"] + 1, state["steps"]
+            result.history = state["history"]
+            result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+            logger.info(
+                f"resumed from {checkpoint} (epoch {state['epoch']} done)", main_process_only=True
+            )
+
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and result.steps >= args.max_steps:
+            break
+        set_seed(args.seed + epoch)
+        sampler = RandomSampler(
+            train_dataset, generator=torch.Generator().manual_seed(args.seed + epoch)
+        )
+        loader = accelerator.prepare(
+            DataLoader(
+                train_dataset,
+                batch_size=args.batch_size,
+                sampler=sampler,
+                collate_fn=collate_fn,
+                num_workers=args.num_workers,
+                drop_last=len(train_dataset) > args.batch_size * accelerator.num_processes,
+            )
+        )
+
+        model.train()
+        progress = tqdm(
+            loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process
+        )
+        for batch in progress:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                result.steps += 1
+                if result.steps % args.log_every == 0:
+                    logger.info(f"epoch {epoch} step {result.steps} loss {loss.item():.4f}")
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+                if args.max_steps is not None and result.steps >= args.max_steps:
+                    break
+
+        metrics: dict[str, Any] = {"epoch": epoch, "steps": result.steps}
+        if evaluate is not None:
+            metrics.update(evaluate(model))
+        result.history.append(metrics)
+        score = metrics.get(metric_key) if metric_key else None
+        if evaluate is None or (
+            score is not None and (result.best_metric is None or score > result.best_metric)
+        ):
+            result.best_metric, result.best_epoch = score, epoch
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(output_dir / BEST)
+
+        state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
+        _save_checkpoint(accelerator, model, optimizer, scheduler, output_dir, state)
+        accelerator.wait_for_everyone()
+
+    return result
