@@ -1,0 +1,242 @@
+"""Retrieval losses, hard negatives, the gated query transformation and the trainer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import BlipForImageTextRetrieval
+
+from peft_cp import AuroraConfig
+from peft_cp.blip.configs import small_blip_config
+from peft_cp.blip.gated_query import add_gated_query
+from peft_cp.blip.retrieval import (
+    add_temperature,
+    chance_recall,
+    contrastive_loss,
+    encode_media,
+    negative_weights,
+    pick_negatives,
+    retrieval_losses,
+)
+from peft_cp.blip.training import TrainingArguments, fit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_contrastive_loss_matches_an_explicit_computation():
+    torch.manual_seed(0)
+    media = F.normalize(torch.randn(4, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2])  # the first two captions describe the same image
+    temp = torch.tensor(0.1)
+
+    loss = contrastive_loss(media, text, ids, temp)
+
+    expected = 0.0
+    for i in range(4):
+        positives = [j for j in range(4) if ids[j] == ids[i]]
+        m2t = torch.log_softmax(media[i] @ text.T / temp, dim=0)
+        t2m = torch.log_softmax(text[i] @ media.T / temp, dim=0)
+        expected += -sum(m2t[j] for j in positives) / len(positives)
+        expected += -sum(t2m[j] for j in positives) / len(positives)
+    torch.testing.assert_close(loss, expected / 8, rtol=1e-6, atol=1e-6)
+
+
+def test_hard_negatives_never_share_the_id():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(6, 6, generator=generator) * 5
+    ids = torch.tensor([0, 0, 1, 1, 2, 3])
+
+    weights = negative_weights(similarity, ids, ids)
+    for _ in range(200):
+        picked = pick_negatives(weights, "sample", generator)
+        assert not torch.any(ids[picked] == ids)
+    hardest = pick_negatives(weights, "hardest", None)
+
+    masked = similarity.masked_fill(ids[:, None] == ids[None, :], float("-inf"))
+    assert torch.equal(hardest, masked.argmax(dim=1))
+
+
+def test_a_batch_of_one_medium_has_no_negatives():
+    with pytest.raises(ValueError, match="2 item\\(s\\) of the batch have no negative"):
+        negative_weights(torch.zeros(2, 2), torch.tensor([5, 5]), torch.tensor([5, 5]))
+
+
+def test_chance_recall():
+    assert chance_recall(24, 1) == pytest.approx(100 / 24)
+    # Both positives outside a random top 5 of 10: C(8, 5) / C(10, 5) = 56 / 252.
+    assert chance_recall(10, 5, positives=2) == pytest.approx(100 * (1 - 56 / 252))
+    assert chance_recall(4, 5) == 100.0
+
+
+def tiny_peft_retrieval(gated_query=True, seed=0):
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(small_blip_config(init_std=0.1)).eval()
+    modules = ["itm_head"] + add_temperature(model)
+    if gated_query:
+        modules += add_gated_query(model)
+    return get_peft_model(model, AuroraConfig(rank=4, modules_to_save=modules))
+
+
+def batch(size=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(size, 3, 32, 32, generator=generator),
+        "input_ids": torch.randint(3, 100, (size, 6), generator=generator),
+        "attention_mask": torch.ones(size, 6, dtype=torch.long),
+        "media_ids": torch.arange(size) // 2,
+    }
+
+
+def test_context_enhancement_shifts_the_positive_pairs():
+    model = tiny_peft_retrieval()
+    inputs = batch()
+
+    plain = retrieval_losses(model, **inputs, context_enhancement=False, negatives="hardest")
+    enhanced = retrieval_losses(model, **inputs, context_enhancement=True, negatives="hardest")
+
+    torch.testing.assert_close(plain.itc, enhanced.itc)
+    assert not torch.allclose(plain.itm, enhanced.itm)
+
+
+def test_gated_query_leaves_step_zero_unchanged_and_is_trained_and_saved(tmp_path):
+    torch.manual_seed(0)
+    reference = BlipForImageTextRetrieval(small_blip_config(init_std=0.1)).eval()
+    inputs = batch()
+    expected = reference(
+        input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]
+    ).itm_score
+
+    model = tiny_peft_retrieval(gated_query=True)
+    got = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).itm_score
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    retrieval_losses(model, **inputs).total.backward()
+    gates = {n: p for n, p in model.named_parameters() if "gated_query" in n and p.requires_grad}
+    assert len(gates) == 2 * 4  # two text layers, four vectors each
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.values())
+
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum("gated_query" in k for k in saved) == 2 * 4
+
+
+def test_gated_query_needs_a_blip_text_encoder():
+    with pytest.raises(ValueError, match="component='text_encoder'.*Linear has no such submodule"):
+        add_gated_query(torch.nn.Linear(2, 2))
+
+
+def test_video_media_average_the_frames():
+    model = tiny_peft_retrieval()
+    frames = torch.randn(2, 3, 3, 32, 32)
+
+    video = encode_media(model, frames)
+    per_frame = [encode_media(model, frames[:, t]) for t in range(3)]
+
+    assert video.embeds.shape == (2, 3 * per_frame[0].embeds.shape[1], 48)
+    blip = model.base_model.model
+    mean_cls = torch.stack([f.embeds[:, 0] for f in per_frame]).mean(0)
+    torch.testing.assert_close(video.features, F.normalize(blip.vision_proj(mean_cls), dim=-1))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, size=8):
+        self.items = [batch(1, seed=i) for i in range(size)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return {k: v[0] for k, v in self.items[index].items()} | {"media_ids": torch.tensor(index)}
+
+
+def collate(samples):
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def loss_fn(model, inputs):
+    return retrieval_losses(model, **inputs).total
+
+
+def adapter_tensors(folder):
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
+    args = dict(epochs=2, batch_size=4, learning_rate=1e-2, seed=3)
+    model = tiny_peft_retrieval()
+    fit(
+        model,
+        PairDataset(),
+        collate,
+        loss_fn,
+        TrainingArguments(str(tmp_path / "a"), **args),
+        Accelerator(),
+    )
+
+    def crash_in_second_epoch(model):
+        if (tmp_path / "b" / "checkpoints" / "epoch_0").exists():
+            raise KeyboardInterrupt
+        return {"score": 0.0}
+
+    model = tiny_peft_retrieval()
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            model,
+            PairDataset(),
+            collate,
+            loss_fn,
+            TrainingArguments(str(tmp_path / "b"), **args),
+            Accelerator(),
+            crash_in_second_epoch,
+            "score",
+        )
+    assert not (tmp_path / "b" / "checkpoints" / "epoch_1").exists()
+
+    model = tiny_peft_retrieval()  # a fresh process would rebuild the model the same way
+    resumed = TrainingArguments(str(tmp_path / "b"), resume=True, **args)
+    result = fit(model, PairDataset(), collate, loss_fn, resumed, Accelerator())
+
+    assert result.steps == 4
+    expected = adapter_tensors(tmp_path / "a" / "best_adapter")
+    got = adapter_tensors(tmp_path / "b" / "best_adapter")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_see_the_same_step_zero_loss(tmp_path):
+    script = ROOT / "tests" / "scripts" / "step_zero_loss.py"
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+    # On a machine without GPUs, --multi_gpu starts torchrun processes that talk over gloo
+    # (accelerate's --cpu flag starts one process unless MPI is set up).
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+    double = subprocess.run(
+        [*launch, str(script), str(tmp_path / "two.json")], capture_output=True, text=True
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["itc"] == pytest.approx(one["itc"], rel=1e-5)
+    assert two["itm"] == pytest.approx(one["itm"], rel=1e-5)
