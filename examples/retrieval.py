@@ -31,6 +31,7 @@ from peft_cp.blip.data import RetrievalEvalDataset, RetrievalTrainDataset, colla
 from peft_cp.blip.demo import demo_vocabulary, word_tokenizer, write_shapes_dataset
 from peft_cp.blip.gated_query import add_gated_query
 from peft_cp.blip.metrics import write_retrieval_results
+from peft_cp.blip.report import MediaCandidate, TextToMediaCase, write_retrieval_cases_html
 from peft_cp.blip.retrieval import (
     add_temperature,
     chance_recall,
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cases", type=int, default=12, help="Text queries shown in cases.html (0: none)."
+    )
     args = parser.parse_args(argv)
 
     args.demo = args.model is None and args.train_file is None
@@ -139,6 +143,23 @@ def media_loaders(args: argparse.Namespace):
         ImageLoader(ImageTransform(args.image_size, train=not args.demo)),
         ImageLoader(ImageTransform(args.image_size)),
     )
+
+
+def write_cases(path: Path, test_set: RetrievalEvalDataset, top5: dict, args) -> None:
+    """An HTML page of text-to-media queries (spread over the test set) and their top 5."""
+    step = max(1, len(test_set.texts) // args.cases)
+    cases = []
+    for text in range(0, len(test_set.texts), step)[: args.cases]:
+        candidates = [
+            MediaCandidate(
+                Path(args.media_root) / test_set.media[media],
+                score,
+                ground_truth=test_set.text_to_media[text] == media,
+            )
+            for media, score in zip(top5["indices"][text], top5["scores"][text])
+        ]
+        cases.append(TextToMediaCase(test_set.texts[text], candidates))
+    write_retrieval_cases_html(path, cases, title=f"Aurora r={args.rank}: text-to-media retrieval")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{'recall (%)':<12}{'before':>9}{'after':>9}   chance R@1 = {chance:.1f}")
         for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
             print(f"{key:<12}{before[key]:>9.1f}{after[key]:>9.1f}")
+        if args.cases:
+            write_cases(output_dir / "cases.html", test_set, top5["text_to_media"], args)
         print(f"\nadapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
     return report
 

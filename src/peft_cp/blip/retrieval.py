@@ -1,4 +1,4 @@
-"""Image/video-text retrieval with BLIP: contrastive and matching losses, and the evaluation protocol.
+"""Image/video-text retrieval with BLIP: contrastive and matching losses, evaluation protocol.
 
 The functions take a `BlipForImageTextRetrieval` (plain or wrapped by PEFT) and use its vision
 encoder, text encoder, projections and matching head directly:
@@ -369,8 +369,8 @@ def evaluate_retrieval(
 ) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
     """Recall@1/5/10 of a `RetrievalEvalDataset` with the top-k re-ranking protocol.
 
-    Returns (metrics in percent, the top 5 candidates of every query: {"media_to_text",
-    "text_to_media"}).
+    Returns (metrics in percent, the top 5 candidates of every query with their scores:
+    {"media_to_text": {"indices", "scores"}, "text_to_media": {"indices", "scores"}}).
     """
     from torch.utils.data import DataLoader
 
@@ -400,8 +400,14 @@ def evaluate_retrieval(
     metrics = retrieval_recall(
         scores_m2t.cpu(), scores_t2m.cpu(), dataset.text_to_media, dataset.media_to_texts
     )
-    top5 = {
-        "media_to_text": topk_per_query(scores_m2t.cpu(), min(5, len(dataset.texts))).tolist(),
-        "text_to_media": topk_per_query(scores_t2m.cpu(), min(5, len(dataset))).tolist(),
-    }
+    top5 = {}
+    for direction, scores in (
+        ("media_to_text", scores_m2t.cpu()),
+        ("text_to_media", scores_t2m.cpu()),
+    ):
+        indices = topk_per_query(scores, min(5, scores.shape[1]))
+        top5[direction] = {
+            "indices": indices.tolist(),
+            "scores": scores.gather(1, indices).tolist(),
+        }
     return metrics, top5
