@@ -240,3 +240,19 @@ def test_two_processes_see_the_same_step_zero_loss(tmp_path):
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["itc"] == pytest.approx(one["itc"], rel=1e-5)
     assert two["itm"] == pytest.approx(one["itm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_factor_store_trains_under_fsdp(tmp_path):
+    script = ROOT / "tests" / "scripts" / "fsdp_step.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path / "fsdp.json")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert report["world_size"] == 2
+    assert report["output_difference"] < 1e-5
+    assert report["factor_difference"] < 1e-5
+    assert report["factor_change"] > 1e-3  # the step did move the factors

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -82,7 +82,7 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
 
 def _save_checkpoint(
     accelerator: Accelerator,
-    model: PeftModel,
+    adapter: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     output_dir: Path,
@@ -90,15 +90,11 @@ def _save_checkpoint(
 ) -> None:
     # Written to a temporary folder and renamed, so a crash mid-save leaves the last complete
     # checkpoint as it was.
-    if not accelerator.is_main_process:
-        return
     final = output_dir / CHECKPOINTS / f"epoch_{state['epoch']}"
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
-    unwrapped = accelerator.unwrap_model(model)
-    adapter = get_peft_model_state_dict(unwrapped, adapter_name=unwrapped.active_adapter)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
         partial / "adapter.safetensors",
@@ -160,6 +156,11 @@ def fit(
         optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if args.resume and accelerator.distributed_type == DistributedType.FSDP:
+        raise NotImplementedError(
+            "resume is not supported yet under FSDP: the optimizer state is sharded across "
+            "processes and checkpoints hold the main process's share only. Use DDP to resume."
+        )
 
     result = FitResult()
     start_epoch = 0
@@ -218,15 +219,23 @@ def fit(
             metrics.update(evaluate(model))
         result.history.append(metrics)
         score = metrics.get(metric_key) if metric_key else None
-        if evaluate is None or (
+        improved = evaluate is None or (
             score is not None and (result.best_metric is None or score > result.best_metric)
-        ):
+        )
+        if improved:
             result.best_metric, result.best_epoch = score, epoch
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(output_dir / BEST)
 
-        state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
-        _save_checkpoint(accelerator, model, optimizer, scheduler, output_dir, state)
+        # Gathering the weights is collective (FSDP shards them); only the main process writes.
+        unwrapped = accelerator.unwrap_model(model)
+        full_state = accelerator.get_state_dict(model)
+        if improved and accelerator.is_main_process:
+            unwrapped.save_pretrained(output_dir / BEST, state_dict=full_state)
+        if accelerator.is_main_process:
+            adapter = get_peft_model_state_dict(
+                unwrapped, state_dict=full_state, adapter_name=unwrapped.active_adapter
+            )
+            state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
+            _save_checkpoint(accelerator, adapter, optimizer, scheduler, output_dir, state)
         accelerator.wait_for_everyone()
 
     return result
