@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .functional import add_low_rank_
 from .store import AuroraFactorStore
 
 
@@ -74,6 +75,12 @@ class Linear(nn.Module, AuroraLayer):
 
     A fused projection (BLIP's vision `qkv`) is S matrices stacked by rows; slice s uses row
     `rows.start + s` of P, and the S updates are applied by one matmul.
+
+    When the adapter's store has `fast_path` on (the default), x V comes from the store's
+    per-input cache (shared with the other layers reading the same tensor; not when an active
+    dropout gives this layer its own input) and (x V) up^T is accumulated into the base output in
+    place (`peft_cp.functional.add_low_rank_`). With `fast_path` off, every layer computes the
+    plain reference expression; both give the same values and gradients.
     """
 
     def __init__(
@@ -135,13 +142,29 @@ class Linear(nn.Module, AuroraLayer):
                 continue
             store = self.aurora_stores[name]
             d_out, d_in = self._slice_shape(name)
-            factor_dtype = store.P.dtype
-
-            x_in = self._cast_input_dtype(self.aurora_dropout[name](x), factor_dtype)
-            hidden = x_in @ store.V(d_in)  # (..., R)
+            # (S*d_out, R): the S slices' up-projections, applied by one matmul
             up = store.up_weight(self.aurora_rows[name], d_out, self.aurora_scale[name])
-            result = result + (hidden @ up.T).to(result.dtype)  # (..., S*d_out)
+
+            if store.fast_path:
+                hidden = self._fast_down_projection(name, x, d_in)  # (..., R)
+                result = add_low_rank_(result, hidden, up)  # (..., S*d_out)
+            else:
+                x_in = self._cast_input_dtype(self.aurora_dropout[name](x), store.P.dtype)
+                hidden = x_in @ store.V(d_in)  # (..., R)
+                result = result + (hidden @ up.T).to(result.dtype)  # (..., S*d_out)
         return result
+
+    def _fast_down_projection(self, name: str, x: torch.Tensor, d_in: int) -> torch.Tensor:
+        store = self.aurora_stores[name]
+        dropout = self.aurora_dropout[name]
+        if isinstance(dropout, nn.Dropout) and dropout.training:
+            # Each layer draws its own mask, exactly as in the reference path, so x V of the
+            # dropped input is this layer's alone and is not shared.
+            x_in = self._cast_input_dtype(dropout(x), store.P.dtype)
+            return store.down_project(x_in, d_in, reuse=False)
+        if not getattr(self, "cast_input_dtype_enabled", True):
+            return x @ store.V(d_in)  # the reference path does not cast either
+        return store.down_project(x, d_in)
 
     def __repr__(self) -> str:
         return "aurora." + super().__repr__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +21,12 @@ class AuroraFactorStore(nn.Module):
     Initialisation: U ~ N(0, 1/R), P ~ N(0, 1), lam = 1 and V = 0, so every update is zero at
     step 0 while the gradient of V is not. With `init_weights=False`, V ~ N(0, 1/d_in) as well
     (a non-identity adapter, for tests).
+
+    Fast path: `down_project` computes x V once per input tensor, however many adapted matrices
+    read that input (BLIP's text query, key and value read one `hidden_states`; cross-attention
+    keys and values read one image-token tensor), so their forward matmul, the gradient of V and
+    the input gradient through V are each computed once. Set `fast_path = False` to run every
+    layer through the plain reference computation instead.
 
     Args:
         rank: Number R of CP components.
@@ -53,6 +60,9 @@ class AuroraFactorStore(nn.Module):
             self.register_parameter(f"V_{d_in}", nn.Parameter(torch.empty(d_in, rank, **factory)))
         self.P = nn.Parameter(torch.empty(num_rows, rank, **factory))
         self.lam = nn.Parameter(torch.empty(rank, **factory))
+
+        self.fast_path = True
+        self._down_cache = _DownProjectionCache()
 
         self.reset_parameters(init_weights)
 
@@ -95,8 +105,114 @@ class AuroraFactorStore(nn.Module):
         """The updates of the selected matrices, stacked along the output dim: (S*d_out, d_in)."""
         return self.up_weight(rows, d_out, scale) @ self.V(d_in).T
 
+    def down_project(self, x: torch.Tensor, d_in: int, reuse: bool = True) -> torch.Tensor:
+        """x V_{d_in}: (..., d_in) -> (..., R), in the factors' dtype.
+
+        With `reuse`, the result for the tensor most recently projected onto V_{d_in} is returned
+        again when the same tensor object comes back unchanged (same in-place version, same V
+        version, same grad mode), so that layers reading one input share one matmul and one
+        autograd node; their gradients with respect to x V add up before flowing into x and V.
+        Pass `reuse=False` when x is not the layer input itself (e.g. after an active dropout).
+        """
+        weight = self.V(d_in)
+        if not reuse:
+            return x.to(weight.dtype) @ weight
+
+        hidden = self._down_cache.lookup(x, weight)
+        if hidden is None:
+            hidden = x.to(weight.dtype) @ weight
+            self._down_cache.remember(x, weight, hidden)
+        return hidden
+
+    def clear_cache(self) -> None:
+        """Forget the remembered down-projections (they are also dropped on their own)."""
+        self._down_cache.clear()
+
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, num_rows={self.num_rows}, out_dims={self.out_dims}, "
             f"in_dims={self.in_dims}"
         )
+
+
+class _DownProjectionCache:
+    """Remembers the last few x V computed per input width, and the input tensors they came from.
+
+    A few entries per width suffice because the layers that share an input run close together,
+    except for the image tokens, which every cross-attention layer of the text encoder reads:
+    keeping them among the `capacity` most recent entries projects them once for all layers.
+    An entry never outlives its usefulness: it is keyed on the input *object* (a weak reference,
+    so a new tensor that reuses a freed buffer never matches), on its in-place version and on V's
+    (an optimizer step bumps it), and it is dropped as soon as backward reaches x V or the input
+    tensor is freed. A forward in grad mode that is never followed by backward leaves its last
+    `capacity` entries per width (and the graph they reach) until newer inputs displace them or
+    `AuroraFactorStore.clear_cache` is called. Deep copies and pickles start empty.
+    """
+
+    capacity = 3
+
+    def __init__(self) -> None:
+        # d_in -> most recent last: (weak reference to x, key, x V, token naming the entry)
+        self._entries: dict[int, list[tuple[weakref.ref, tuple, torch.Tensor, object]]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
+        # Inference tensors have no version counter; they are not shared rather than risk a stale
+        # entry after an in-place update.
+        if x.is_inference() or weight.is_inference():
+            return None
+        return (
+            x._version,
+            weight._version,
+            weight.data_ptr(),
+            weight.dtype,
+            torch.is_grad_enabled(),
+            torch.is_autocast_enabled(x.device.type),
+        )
+
+    def lookup(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        for source, key, hidden, _ in self._entries.get(weight.shape[0], ()):
+            if source() is x:
+                return hidden if key == self._key(x, weight) else None
+        return None
+
+    def remember(self, x: torch.Tensor, weight: torch.Tensor, hidden: torch.Tensor) -> None:
+        d_in = weight.shape[0]
+        entries = self._entries.setdefault(d_in, [])
+        # A stale entry of the same tensor (changed in place, or V stepped) is replaced.
+        entries[:] = [entry for entry in entries if entry[0]() is not x]
+        key = self._key(x, weight)
+        if key is None:
+            return
+
+        # The callbacks hold the cache weakly and name their entry by a token, so neither keeps
+        # anything alive nor drops another entry.
+        token = object()
+        cache = weakref.ref(self)
+
+        def forget(_: object) -> None:
+            owner = cache()
+            if owner is not None:
+                owner._forget(d_in, token)
+
+        entries.append((weakref.ref(x, forget), key, hidden, token))
+        del entries[: -self.capacity]
+        if hidden.requires_grad:
+            # Once backward reaches x V, every layer that reads it has contributed its gradient.
+            hidden.register_hook(forget)
+
+    def _forget(self, d_in: int, token: object) -> None:
+        entries = self._entries.get(d_in, [])
+        entries[:] = [entry for entry in entries if entry[3] is not token]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._entries.values())
+
+    def __deepcopy__(self, memo: dict) -> _DownProjectionCache:
+        return _DownProjectionCache()
+
+    def __getstate__(self) -> dict:
+        return {"_entries": {}}

@@ -1,0 +1,215 @@
+"""The fast path (shared x V, in-place up-projection) computes what the reference path computes."""
+
+import gc
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_cp import AuroraConfig, AuroraLayer
+from peft_cp.functional import add_low_rank_
+
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+}
+DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["fp32", "bf16"])
+
+
+def adapted(base, clone, dtype=torch.float32, **config):
+    """Two identical Aurora models of `base`: (fast path, reference path)."""
+    torch.manual_seed(0)
+    config = {"rank": 4, "init_weights": False, **config}
+    fast = get_peft_model(clone(base).to(dtype), AuroraConfig(**config))
+    reference = clone(fast)
+    reference.base_model.factor_store().fast_path = False
+    assert fast.base_model.factor_store().fast_path
+    return fast, reference
+
+
+def both_heads(model, inputs):
+    """Matching logits and cosine similarities: every adapted layer, cross-attention included."""
+    return torch.cat([model(**inputs).itm_score, model(**inputs, use_itm_head=False).itm_score], 1)
+
+
+def forward_backward(model, inputs):
+    pixels = inputs["pixel_values"].clone().requires_grad_(True)
+    outputs = both_heads(model, {**inputs, "pixel_values": pixels})
+    outputs.float().pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return outputs.detach(), grads, pixels.grad
+
+
+@DTYPES
+def test_outputs_and_gradients_match_the_reference(tiny_retrieval, retrieval_inputs, clone, dtype):
+    fast, reference = adapted(tiny_retrieval, clone, dtype)
+    inputs = {**retrieval_inputs, "pixel_values": retrieval_inputs["pixel_values"].to(dtype)}
+
+    fast_out, fast_grads, fast_pixel_grad = forward_backward(fast, inputs)
+    ref_out, ref_grads, ref_pixel_grad = forward_backward(reference, inputs)
+
+    torch.testing.assert_close(fast_out, ref_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(fast_pixel_grad, ref_pixel_grad, **TOLERANCES[dtype])
+    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == 6
+    for name in ref_grads:
+        # Gradients sum over every token and layer, so they are compared relative to their size.
+        scale = ref_grads[name].abs().max().item()
+        tolerance = TOLERANCES[dtype]
+        torch.testing.assert_close(
+            fast_grads[name],
+            ref_grads[name],
+            rtol=tolerance["rtol"],
+            atol=tolerance["atol"] * max(scale, 1.0),
+            msg=name,
+        )
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_inputs_read_by_several_layers_are_projected_once(
+    tiny_retrieval, retrieval_inputs, clone, grad_mode, monkeypatch
+):
+    fast, reference = adapted(tiny_retrieval, clone)
+    store = fast.base_model.factor_store()
+    projections = []
+    original = type(store).down_project
+
+    def counting(self, x, d_in, reuse=True):
+        hidden = original(self, x, d_in, reuse)
+        if all(hidden is not seen for seen in projections):
+            projections.append(hidden)
+        return hidden
+
+    monkeypatch.setattr(type(store), "down_project", counting)
+    with torch.set_grad_enabled(grad_mode):
+        output = fast(**retrieval_inputs).itm_score
+        expected = reference(**retrieval_inputs).itm_score
+
+    # Per layer: vision qkv (fused already), text self-attention q/k/v (one input) and the
+    # cross-attention query (its own input); once: the cross-attention keys and values of every
+    # layer (all read the image tokens).
+    assert len(projections) == 2 * (1 + 1 + 1) + 1
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_no_projection_is_kept_after_backward_or_after_no_grad(
+    tiny_retrieval, retrieval_inputs, clone
+):
+    fast, _ = adapted(tiny_retrieval, clone)
+    cache = fast.base_model.factor_store()._down_cache
+
+    with torch.no_grad():
+        fast(**retrieval_inputs)
+    gc.collect()
+    assert len(cache) == 0
+
+    fast(**retrieval_inputs).itm_score.sum().backward()
+    assert len(cache) == 0
+
+
+def test_an_in_place_change_of_the_input_or_of_v_is_never_served_stale(tiny_retrieval, clone):
+    fast, reference = adapted(tiny_retrieval, clone)
+    name = "base_model.model.text_encoder.encoder.layer.0.attention.self.query"
+    fast_layer, ref_layer = fast.get_submodule(name), reference.get_submodule(name)
+    x = torch.randn(2, 5, fast_layer.in_features)
+
+    fast_layer(x)
+    x.mul_(2.0)  # same tensor object, new contents
+    torch.testing.assert_close(fast_layer(x), ref_layer(x), rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():  # what an optimizer step does to V
+        for model in (fast, reference):
+            model.base_model.factor_store().V(fast_layer.in_features).add_(0.5)
+    torch.testing.assert_close(fast_layer(x), ref_layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_mode_matches_the_reference(tiny_retrieval, retrieval_inputs, clone):
+    fast, reference = adapted(tiny_retrieval, clone)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            both_heads(fast, retrieval_inputs),
+            both_heads(reference, retrieval_inputs),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+@DTYPES
+def test_dropout_draws_the_same_masks_per_layer_as_the_reference(
+    tiny_retrieval, retrieval_inputs, clone, dtype
+):
+    """Training: each layer draws its own mask (no sharing), in the reference's order."""
+    fast, reference = adapted(tiny_retrieval, clone, dtype, dropout=0.5)
+    fast.train()
+    reference.train()
+    inputs = {**retrieval_inputs, "pixel_values": retrieval_inputs["pixel_values"].to(dtype)}
+
+    torch.manual_seed(123)
+    fast_out, fast_grads, _ = forward_backward(fast, inputs)
+    torch.manual_seed(123)
+    ref_out, ref_grads, _ = forward_backward(reference, inputs)
+    torch.manual_seed(7)
+    other_out, _, _ = forward_backward(reference, inputs)
+
+    torch.testing.assert_close(fast_out, ref_out, **TOLERANCES[dtype])
+    for name in ref_grads:
+        scale = max(ref_grads[name].abs().max().item(), 1.0)
+        tolerance = TOLERANCES[dtype]
+        torch.testing.assert_close(
+            fast_grads[name],
+            ref_grads[name],
+            rtol=tolerance["rtol"],
+            atol=tolerance["atol"] * scale,
+            msg=name,
+        )
+    assert not torch.allclose(other_out, ref_out)  # the masks are random: the check has teeth
+
+
+def test_dropout_in_eval_mode_shares_and_matches(tiny_retrieval, retrieval_inputs, clone):
+    fast, reference = adapted(tiny_retrieval, clone, dropout=0.5)
+    fast.eval()
+    reference.eval()
+
+    torch.testing.assert_close(
+        both_heads(fast, retrieval_inputs),
+        both_heads(reference, retrieval_inputs),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@DTYPES
+def test_add_low_rank_matches_matmul_and_add(dtype):
+    generator = torch.Generator().manual_seed(0)
+    result = torch.randn(3, 5, 12, generator=generator).to(dtype)
+    hidden = torch.randn(3, 5, 4, generator=generator, requires_grad=True)
+    up = torch.randn(12, 4, generator=generator, requires_grad=True)
+    grad = torch.randn(3, 5, 12, generator=generator).to(dtype)
+
+    expected = result + (hidden @ up.T).to(dtype)
+    expected.backward(grad)
+    expected_grads = hidden.grad, up.grad
+    hidden.grad = up.grad = None
+
+    base = result.clone().requires_grad_(True)
+    output = add_low_rank_(base.clone(), hidden, up)
+    output.backward(grad)
+
+    torch.testing.assert_close(output, expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(base.grad, grad)
+    torch.testing.assert_close(hidden.grad, expected_grads[0], **TOLERANCES[dtype])
+    torch.testing.assert_close(up.grad, expected_grads[1], **TOLERANCES[dtype])
+
+
+def test_fast_path_is_on_by_default_and_merging_still_works(
+    tiny_retrieval, retrieval_inputs, clone
+):
+    fast, reference = adapted(tiny_retrieval, clone)
+    assert all(
+        layer.aurora_stores["default"].fast_path
+        for layer in fast.modules()
+        if isinstance(layer, AuroraLayer)
+    )
+    unmerged = fast(**retrieval_inputs).itm_score
+    fast.merge_adapter()
+    torch.testing.assert_close(fast(**retrieval_inputs).itm_score, unmerged, rtol=1e-4, atol=1e-5)
