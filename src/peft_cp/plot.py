@@ -479,24 +479,25 @@ class BenchmarkRow:
 _BENCHMARK_KEYS: dict[str, tuple[str, ...]] = {
     "name": ("method", "config", "name"),
     "tunable": ("tunable", "tunable_params", "trainable_params"),
-    "time": ("time", "relative_time", "time_rel"),
-    "memory": ("memory", "relative_memory", "memory_rel"),
+    "time": ("time", "time_vs_uni512", "relative_time"),
+    "memory": ("memory", "memory_vs_uni512", "relative_memory"),
 }
 
 
 def read_benchmark(path: str | Path) -> list[BenchmarkRow]:
-    """Read the JSON written by `benchmarks/train_step.py`: a list of rows (or {"rows": [...]})
-    each with a name ("method" or "config"), a "tunable" parameter count, and "time" and "memory"
-    relative to the reference configuration.
+    """Read the JSON written by `benchmarks/train_step.py` ({"training": [...], ...}), or a plain
+    list of rows: each with a name ("method" or "config"), a "tunable" parameter count, and the
+    training "time" and peak "memory" relative to the reference configuration (the benchmark's
+    "time_vs_uni512" and "memory_vs_uni512").
 
     Raises:
         FileNotFoundError: no file at `path`.
         ValueError: invalid JSON, no rows, or a row missing a field (naming file, row and key).
     """
     payload = _load_json(path)
-    rows = payload.get("rows") if isinstance(payload, dict) else payload
+    rows = payload.get("training") if isinstance(payload, dict) else payload
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty list of rows (or {{'rows': [...]}}).")
+        raise ValueError(f"{path}: expected a non-empty list of rows (or {{'training': [...]}}).")
 
     parsed = []
     for index, row in enumerate(rows):

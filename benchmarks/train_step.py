@@ -1,0 +1,401 @@
+"""Training-step time and peak memory of Aurora against LoRA, UniAdapter, full tuning and the floor.
+
+Builds full-size BLIP-base image-text retrieval (`BlipConfig()`, random weights) and times one
+training step per configuration: the vision encoder once, the contrastive head (image and text
+[CLS] features, cosine similarities) and the matching head (text encoder cross-attending to the
+image tokens, `itm_head`), a cross-entropy loss on each, backward and an AdamW step. The
+configurations run interleaved in one process (A B C A B C ...) and each reports the median over
+the measured rounds, so background load hits all of them alike. Peak memory is measured for each
+configuration in a fresh subprocess (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
+
+Configurations:
+    floor      no weight gradient at all: one trainable scalar multiplies the vision embeddings and
+               one the text embeddings, so backward still crosses every layer. The cost any
+               adapter of these layers must at least pay.
+    aurora64, aurora128     `peft_cp.AuroraConfig(rank=r)` on BLIP's default targets.
+    lora64, lora128         PEFT LoRA of rank r (alpha = r) on the same targets.
+    uni128, uni512          UniAdapter of bottleneck r (`benchmarks/uniadapter.py`).
+    full       every weight trained.
+
+Inference (forward of both heads under `torch.no_grad`) compares the base model with Aurora
+rank 128 unmerged and merged into the weights (`merge_and_unload`).
+
+    python benchmarks/train_step.py --out benchmarks/results            # CPU default
+    python benchmarks/train_step.py --quick                             # smoke test
+    python benchmarks/train_step.py --device cuda --dtype bf16 --image-size 384 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import BlipConfig, BlipForImageTextRetrieval
+
+import peft_cp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uniadapter import add_uniadapter  # noqa: E402
+
+logger = logging.getLogger("train_step")
+
+TARGETS = ["qkv", "query", "key", "value"]
+ALL_CONFIGS = ["floor", "aurora64", "aurora128", "lora64", "lora128", "uni128", "uni512", "full"]
+QUICK_CONFIGS = ["floor", "aurora128", "lora128", "uni512"]
+REFERENCE = "uni512"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Setup:
+    """A model ready to train: the BLIP module to call, its optimizer and its tunable count."""
+
+    model: BlipForImageTextRetrieval
+    optimizer: torch.optim.Optimizer
+    tunable: int
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def build_base(args: argparse.Namespace) -> BlipForImageTextRetrieval:
+    config = BlipConfig()
+    config.vision_config.image_size = args.image_size
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(config)
+    return model.to(device=args.device, dtype=DTYPES[args.dtype])
+
+
+def _scale_output(scalar: nn.Parameter) -> Callable:
+    def hook(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * scalar.to(output.dtype)
+
+    return hook
+
+
+def build_setup(name: str, base: BlipForImageTextRetrieval, lr: float = 1e-4) -> Setup:
+    """Adapt `base` (in place) as configuration `name` and make its optimizer."""
+    base.requires_grad_(False)
+    owner = base  # the module whose parameters include the tunable ones
+
+    if name == "floor":
+        scalars = nn.ParameterList(
+            [nn.Parameter(torch.ones((), device=base.device)) for _ in range(2)]
+        )
+        base.floor_scalars = scalars
+        base.vision_model.embeddings.register_forward_hook(_scale_output(scalars[0]))
+        base.text_encoder.embeddings.register_forward_hook(_scale_output(scalars[1]))
+    elif name.startswith("aurora"):
+        # The factor store belongs to the PEFT wrapper, not to the adapted BLIP modules.
+        owner = get_peft_model(base, peft_cp.AuroraConfig(rank=int(name[6:])))
+    elif name.startswith("lora"):
+        rank = int(name[4:])
+        lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS)
+        owner = get_peft_model(base, lora)
+    elif name.startswith("uni"):
+        adapter = add_uniadapter(base, rank=int(name[3:]))
+        adapter.to(device=base.device, dtype=base.dtype)
+    elif name == "full":
+        base.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown configuration {name!r}; choose from {ALL_CONFIGS}.")
+
+    params = [p for p in owner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    owner.train()
+    return Setup(base, optimizer, sum(p.numel() for p in params))
+
+
+# --- one step -----------------------------------------------------------------------------------
+
+
+def make_batch(args: argparse.Namespace, config: BlipConfig) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size = (args.batch, 3, args.image_size, args.image_size)
+    ids = torch.randint(
+        3, config.text_config.vocab_size, (args.batch, args.text_len), generator=generator
+    )
+    return {
+        "pixel_values": torch.randn(size, generator=generator).to(args.device, DTYPES[args.dtype]),
+        "input_ids": ids.to(args.device),
+        "attention_mask": torch.ones_like(ids).to(args.device),
+    }
+
+
+def heads(model: BlipForImageTextRetrieval, batch: dict[str, torch.Tensor]) -> tuple:
+    """Cosine similarities (B, B) and matching logits (B, 2), with one vision pass.
+
+    The same computations as `model(..., use_itm_head=False)` and `model(...)`, except that the
+    vision encoder runs once for both heads, as in BLIP's own training loop.
+    """
+    image_embeds = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+    text_embeds = model.text_encoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)
+    text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
+    sims = image_feat @ text_feat.T  # (B, B)
+
+    fused = model.text_encoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+    ).last_hidden_state
+    return sims, model.itm_head(fused[:, 0])  # (B, 2)
+
+
+def train_step(setup: Setup, batch: dict[str, torch.Tensor]) -> None:
+    sims, itm_logits = heads(setup.model, batch)
+    targets = torch.arange(sims.shape[0], device=sims.device)
+    contrastive = F.cross_entropy(sims.float() / 0.07, targets)
+    matching = F.cross_entropy(itm_logits.float(), torch.ones_like(targets))
+
+    (contrastive + matching).backward()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def interleaved_medians(
+    jobs: dict[str, Callable[[], None]], args: argparse.Namespace, what: str
+) -> dict[str, float]:
+    """Run the jobs round-robin for warmup + steps rounds; median seconds over the measured ones."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for round_index in range(args.warmup + args.steps):
+        for name, job in jobs.items():
+            seconds = timed(job, args.device)
+            if round_index >= args.warmup:
+                times[name].append(seconds)
+        logger.info("%s round %d/%d done", what, round_index + 1, args.warmup + args.steps)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_training(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, int]]:
+    base = build_base(args)
+    batch = make_batch(args, base.config)
+    setups = {name: build_setup(name, copy.deepcopy(base)) for name in args.configs}
+    del base
+
+    jobs = {name: (lambda s=setup: train_step(s, batch)) for name, setup in setups.items()}
+    medians = interleaved_medians(jobs, args, "training")
+    return medians, {name: setup.tunable for name, setup in setups.items()}
+
+
+def measure_inference(args: argparse.Namespace) -> dict[str, float]:
+    base = build_base(args).eval()
+    batch = make_batch(args, base.config)
+    unmerged = get_peft_model(
+        copy.deepcopy(base), peft_cp.AuroraConfig(rank=128, init_weights=False)
+    )
+    merged = copy.deepcopy(unmerged).merge_and_unload()
+    models = {
+        "base": base,
+        "aurora128 unmerged": unmerged.get_base_model().eval(),
+        "aurora128 merged": merged.eval(),
+    }
+
+    def forward(model: BlipForImageTextRetrieval) -> None:
+        with torch.no_grad():
+            heads(model, batch)
+
+    jobs = {name: (lambda m=model: forward(m)) for name, model in models.items()}
+    return interleaved_medians(jobs, args, "inference")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Peak memory of `args.memory_probe` over 2 steps (this process only).
+
+    On CPU: peak resident set size (VmHWM, reset once the model is built) and its rise above the
+    resident size just before the first step. On CUDA: `max_memory_allocated` and its rise above
+    `memory_allocated` before the first step.
+    """
+    base = build_base(args)
+    batch = make_batch(args, base.config)
+    setup = build_setup(args.memory_probe, base)
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _rss_kib("VmRSS") * 1024
+    # The first step allocates the gradients and optimizer state; the second shows the steady state.
+    for _ in range(2):
+        train_step(setup, batch)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    return {"peak_mib": peak / 2**20, "step_mib": (peak - before) / 2**20}
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    results = {}
+    for name in args.configs:
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            name,
+            *("--image-size", str(args.image_size), "--batch", str(args.batch)),
+            *("--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype),
+        ]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(output.strip().splitlines()[-1])
+        logger.info("memory %s: %s", name, results[name])
+    return results
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return "n/a"
+    return f"{value / reference:.3f}"
+
+
+def report(
+    args: argparse.Namespace,
+    times: dict[str, float],
+    tunable: dict[str, int],
+    memory: dict[str, dict[str, float]],
+    inference: dict[str, float],
+) -> tuple[dict, str]:
+    rows = []
+    for name in args.configs:
+        rows.append(
+            {
+                "config": name,
+                "tunable": tunable[name],
+                "step_s": times[name],
+                "time_vs_floor": times[name] / times["floor"] if "floor" in times else None,
+                "time_vs_uni512": times[name] / times[REFERENCE] if REFERENCE in times else None,
+                **{f"{k}": v for k, v in memory.get(name, {}).items()},
+            }
+        )
+    floor_memory = memory.get("floor", {}).get("peak_mib")
+    reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
+    floor_step = memory.get("floor", {}).get("step_mib")
+
+    lines = [
+        "| config | #tunable | step (median s) | time / floor | time / UniAdapter-512 "
+        "| peak memory (MiB) | memory / floor | memory / UniAdapter-512 | step peak above model "
+        "(MiB) | step peak / floor's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        peak, step = row.get("peak_mib"), row.get("step_mib")
+        lines.append(
+            f"| {row['config']} | {row['tunable']:,} | {row['step_s']:.3f} "
+            f"| {ratio(row['step_s'], times.get('floor'))} "
+            f"| {ratio(row['step_s'], times.get(REFERENCE))} "
+            f"| {f'{peak:.0f}' if peak is not None else 'n/a'} | {ratio(peak, floor_memory)} "
+            f"| {ratio(peak, reference_memory)} | {f'{step:.0f}' if step is not None else 'n/a'} "
+            f"| {ratio(step, floor_step)} |"
+        )
+    if inference:
+        lines += ["", "| inference | forward (median s) | / base |", "|---|---:|---:|"]
+        for name, seconds in inference.items():
+            lines.append(f"| {name} | {seconds:.3f} | {ratio(seconds, inference['base'])} |")
+
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("out", "memory_probe", "quick", "verbose")
+    }
+    result = {"settings": settings, "training": rows, "inference": inference}
+    return result, "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--text-len", type=int, default=16, help="tokens per caption")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--steps", type=int, default=5, help="measured rounds (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference timing")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 64 px, batch 2, 1 + 1 rounds, 4 configs"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.warmup, args.steps, args.configs = 1, 1, ",".join(QUICK_CONFIGS)
+        args.image_size, args.batch = 64, 2
+    args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = sorted(set(args.configs) - set(ALL_CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {ALL_CONFIGS}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_probe is not None:
+        print(json.dumps(probe_memory(args)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    times, tunable = measure_training(args)
+    inference = {} if args.no_inference else measure_inference(args)
+    memory = {} if args.no_memory else measure_memory(args)
+    result, table = report(args, times, tunable, memory, inference)
+
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(result, indent=2))
+        command = "python " + " ".join(
+            [Path(__file__).name if a == __file__ else a for a in sys.argv]
+        )
+        (args.out / "results.md").write_text(f"`{command}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
