@@ -16,17 +16,16 @@ On a benchmark (paper settings in examples/configs/), one or several GPUs:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from peft import get_peft_model
-from transformers import AutoProcessor, BlipForImageTextRetrieval
+from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
 import peft_cp
-from peft_cp.blip.configs import small_blip_config
+from peft_cp.blip.configs import read_settings, small_blip_config
 from peft_cp.blip.data import RetrievalEvalDataset, RetrievalTrainDataset, collate_retrieval_train
 from peft_cp.blip.demo import demo_vocabulary, word_tokenizer, write_shapes_dataset
 from peft_cp.blip.gated_query import add_gated_query
@@ -45,6 +44,19 @@ from peft_cp.blip.video import ImageLoader, ImageTransform, VideoLoader
 logger = get_logger(__name__)
 
 HEADS = ["vision_proj", "text_proj", "itm_head"]
+# Settings a --config file or the command line may override: the paper's MSCOCO ones, and the
+# demo's (a small model trained from scratch wants a higher learning rate).
+DEFAULTS = {
+    "image_size": 384,
+    "batch_size": 16,
+    "epochs": 6,
+    "learning_rate": 1e-5,
+    "k_test": 256,
+    "max_text_length": 35,
+    "train_frames": 8,
+    "test_frames": 16,
+    "rank": 128,
+}
 DEMO = {
     "benchmark": "coco",
     "image_size": 64,
@@ -68,15 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-file", help="Test (or validation) annotations.")
     parser.add_argument("--media-root", help="Folder the annotation paths are relative to.")
     parser.add_argument("--output-dir", default=None, help="Checkpoints, adapter and results.")
-    parser.add_argument("--rank", type=int, default=128, help="Aurora rank R.")
+    parser.add_argument("--rank", type=int, help="Aurora rank R (default 128; demo 16).")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--train-frames", type=int, default=8)
-    parser.add_argument("--test-frames", type=int, default=16)
+    parser.add_argument("--train-frames", type=int, help="Frames per training video (8).")
+    parser.add_argument("--test-frames", type=int, help="Frames per test video (16).")
     parser.add_argument("--batch-size", type=int, help="Per process.")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--k-test", type=int, help="Candidates re-ranked by the matching head.")
-    parser.add_argument("--max-text-length", type=int, default=35)
+    parser.add_argument("--max-text-length", type=int, help="Caption tokens (35).")
     parser.add_argument(
         "--train-heads",
         nargs="*",
@@ -94,13 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cases", type=int, default=12, help="Text queries shown in cases.html (0: none)."
     )
     args = parser.parse_args(argv)
+    if args.config:
+        # The file's settings replace the built-in defaults; the command line still wins.
+        options = {action.dest for action in parser._actions} - {"help", "config"}
+        parser.set_defaults(**read_settings(args.config, options))
+        args = parser.parse_args(argv)
 
     args.demo = args.model is None and args.train_file is None
-    defaults = dict(DEMO) if args.demo else {}
-    if args.config:
-        defaults.update(json.loads(Path(args.config).read_text()))
+    defaults = {**DEFAULTS, **DEMO} if args.demo else dict(DEFAULTS)
     for key, value in defaults.items():
-        if getattr(args, key, None) is None or (args.demo and key == "rank"):
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if not args.demo:
         missing = [
@@ -156,7 +171,7 @@ def write_cases(path: Path, test_set: RetrievalEvalDataset, top5: dict, args) ->
                 score,
                 ground_truth=test_set.text_to_media[text] == media,
             )
-            for media, score in zip(top5["indices"][text], top5["scores"][text])
+            for media, score in zip(top5["indices"][text], top5["scores"][text], strict=True)
         ]
         cases.append(TextToMediaCase(test_set.texts[text], candidates))
     write_retrieval_cases_html(path, cases, title=f"Aurora r={args.rank}: text-to-media retrieval")
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(output_dir / "base_model")  # the random base the adapter belongs to
     else:
         model = BlipForImageTextRetrieval.from_pretrained(args.model)
-        tokenizer = AutoProcessor.from_pretrained(args.model).tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
 
     modules_to_save = list(args.train_heads) + add_temperature(model)
     if not args.no_gated_query:
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cases:
             write_cases(output_dir / "cases.html", test_set, top5["text_to_media"], args)
         print(f"\nadapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
+    accelerator.end_training()
     return report
 
 

@@ -256,3 +256,30 @@ def test_factor_store_trains_under_fsdp(tmp_path):
     assert report["output_difference"] < 1e-5
     assert report["factor_difference"] < 1e-5
     assert report["factor_change"] > 1e-3  # the step did move the factors
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    script = ROOT / "tests" / "scripts" / "fit_steps.py"
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+    double = subprocess.run(
+        [*launch, str(script), str(tmp_path / "two")], capture_output=True, text=True
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    one = adapter_tensors(tmp_path / "one" / "best_adapter")
+    two = adapter_tensors(tmp_path / "two" / "best_adapter")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)

@@ -44,3 +44,5 @@ itm = accelerator.gather(losses.itm.detach()[None]).mean().item()
 if accelerator.is_main_process:
     with open(sys.argv[1], "w") as f:
         json.dump({"itc": itc, "itm": itm, "world_size": accelerator.num_processes}, f)
+
+accelerator.end_training()  # a clean exit of the process group

@@ -1,6 +1,11 @@
-"""Small BLIP configurations, for tests and offline demos that build a random model."""
+"""Small BLIP configurations for tests and offline demos, and the examples' settings files."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from transformers import BlipConfig
 
@@ -49,3 +54,29 @@ def small_blip_config(
     return BlipConfig(
         text_config=text_config, vision_config=vision_config, projection_dim=projection_dim
     )
+
+
+def read_settings(path: str | Path, allowed: Iterable[str]) -> dict[str, Any]:
+    """The settings of a JSON configuration file (one object), checked against `allowed` keys.
+
+    Raises:
+        ValueError: naming the file (and line, for invalid JSON) when it cannot be parsed, is not
+            an object, or holds a key outside `allowed`.
+        FileNotFoundError: when `path` does not exist.
+    """
+    path = Path(path)
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}).") from error
+
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of settings, got {type(settings).__name__}."
+        )
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown setting(s) {unknown}; expected some of {sorted(allowed)}."
+        )
+    return settings

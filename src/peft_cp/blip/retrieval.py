@@ -7,7 +7,8 @@ encoder, text encoder, projections and matching head directly:
   positives by media id (several captions per image) and negatives from every process.
 - ITM: matching loss on the fused [CLS] of positive pairs and of hard negatives sampled from the
   ITC similarities (never a pair with the same id). Informative Context Enhancement adds
-  0.1 x the batch's mean text [CLS] to the positive pairs' fused [CLS] before the matching head.
+  0.1 x the mean text [CLS] of the batch (over all processes) to the positive pairs' fused [CLS]
+  before the matching head.
 - Evaluation: ITC similarities between every medium and every caption; each query's top k
   candidates re-scored by the matching head (plus their similarity), then recall at 1, 5, 10.
 
@@ -221,11 +222,12 @@ def retrieval_losses(
         all_ids,
     )
 
-    # Positive pairs, with the batch's text context added when enhancing.
+    # Positive pairs, with the text context of the whole (all-process) batch when enhancing.
     batch = len(media_ids)
     fused_positive = fused_cls(model, input_ids, attention_mask, media.embeds)
     if context_enhancement:
-        fused_positive = fused_positive + CONTEXT_WEIGHT * text_cls.mean(dim=0, keepdim=True)
+        context = gather_with_grad(text_cls).mean(dim=0, keepdim=True)
+        fused_positive = fused_positive + CONTEXT_WEIGHT * context
 
     # Hard negatives from every process: a caption for each medium, a medium for each caption.
     with torch.no_grad():

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
@@ -96,7 +98,7 @@ def _save_checkpoint(
     partial.mkdir(parents=True)
 
     save_file(
-        {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+        {k: v.detach().cpu().clone() for k, v in adapter.items()},
         partial / "adapter.safetensors",
     )
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
@@ -114,12 +116,36 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     folder: Path,
 ) -> dict[str, Any]:
-    unwrapped = accelerator.unwrap_model(model)
     adapter = load_file(folder / "adapter.safetensors", device=str(accelerator.device))
-    set_peft_model_state_dict(unwrapped, adapter, adapter_name=unwrapped.active_adapter)
+    set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+class _LossModule(nn.Module):
+    """`forward(batch)` = `loss_fn(model, batch)`: the unit that Accelerate wraps for training."""
+
+    def __init__(self, model: PeftModel, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@contextmanager
+def _no_context(module: nn.Module):
+    yield
+
+
+@contextmanager
+def _full_parameters(module: nn.Module):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+        yield
 
 
 def fit(
@@ -143,6 +169,11 @@ def fit(
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    if evaluate is not None and accelerator.distributed_type == DistributedType.FSDP:
+        # Evaluation calls submodules directly, which sharded parameters do not support.
+        evaluation_context = _full_parameters
+    else:
+        evaluation_context = _no_context
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(
@@ -155,7 +186,11 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The losses call the model's submodules directly; running them inside one module's forward
+    # lets DDP and FSDP see a forward pass (and synchronise the gradients of its backward).
+    # The scheduler is stepped here once per optimizer step; a scheduler prepared by Accelerate
+    # would advance once per process and step.
+    wrapped, optimizer = accelerator.prepare(_LossModule(model, loss_fn), optimizer)
     if args.resume and accelerator.distributed_type == DistributedType.FSDP:
         raise NotImplementedError(
             "resume is not supported yet under FSDP: the optimizer state is sharded across "
@@ -195,18 +230,18 @@ def fit(
             )
         )
 
-        model.train()
+        wrapped.train()
         progress = tqdm(
             loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process
         )
         for batch in progress:
-            with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
+            with accelerator.accumulate(wrapped):
+                loss = wrapped(batch)
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                scheduler.step()
                 result.steps += 1
                 if result.steps % args.log_every == 0:
                     logger.info(f"epoch {epoch} step {result.steps} loss {loss.item():.4f}")
@@ -216,7 +251,8 @@ def fit(
 
         metrics: dict[str, Any] = {"epoch": epoch, "steps": result.steps}
         if evaluate is not None:
-            metrics.update(evaluate(model))
+            with evaluation_context(wrapped):
+                metrics.update(evaluate(model))
         result.history.append(metrics)
         score = metrics.get(metric_key) if metric_key else None
         improved = evaluate is None or (
@@ -226,13 +262,14 @@ def fit(
             result.best_metric, result.best_epoch = score, epoch
 
         # Gathering the weights is collective (FSDP shards them); only the main process writes.
-        unwrapped = accelerator.unwrap_model(model)
-        full_state = accelerator.get_state_dict(model)
+        full_state = {
+            k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
+        }
         if improved and accelerator.is_main_process:
-            unwrapped.save_pretrained(output_dir / BEST, state_dict=full_state)
+            model.save_pretrained(output_dir / BEST, state_dict=full_state)
         if accelerator.is_main_process:
             adapter = get_peft_model_state_dict(
-                unwrapped, state_dict=full_state, adapter_name=unwrapped.active_adapter
+                model, state_dict=full_state, adapter_name=model.active_adapter
             )
             state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
             _save_checkpoint(accelerator, adapter, optimizer, scheduler, output_dir, state)
