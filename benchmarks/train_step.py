@@ -289,10 +289,13 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 # --- report -------------------------------------------------------------------------------------
 
 
+def relative(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else value / reference
+
+
 def ratio(value: float | None, reference: float | None) -> str:
-    if value is None or reference is None:
-        return "n/a"
-    return f"{value / reference:.3f}"
+    quotient = relative(value, reference)
+    return "n/a" if quotient is None else f"{quotient:.3f}"
 
 
 def report(
@@ -302,21 +305,25 @@ def report(
     memory: dict[str, dict[str, float]],
     inference: dict[str, float],
 ) -> tuple[dict, str]:
+    floor_memory = memory.get("floor", {}).get("peak_mib")
+    reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
+    floor_step = memory.get("floor", {}).get("step_mib")
+
     rows = []
     for name in args.configs:
+        peak = memory.get(name, {}).get("peak_mib")
         rows.append(
             {
                 "config": name,
                 "tunable": tunable[name],
                 "step_s": times[name],
-                "time_vs_floor": times[name] / times["floor"] if "floor" in times else None,
-                "time_vs_uni512": times[name] / times[REFERENCE] if REFERENCE in times else None,
-                **{f"{k}": v for k, v in memory.get(name, {}).items()},
+                "time_vs_floor": relative(times[name], times.get("floor")),
+                "time_vs_uni512": relative(times[name], times.get(REFERENCE)),
+                **memory.get(name, {}),
+                "memory_vs_floor": relative(peak, floor_memory),
+                "memory_vs_uni512": relative(peak, reference_memory),
             }
         )
-    floor_memory = memory.get("floor", {}).get("peak_mib")
-    reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
-    floor_step = memory.get("floor", {}).get("step_mib")
 
     lines = [
         "| config | #tunable | step (median s) | time / floor | time / UniAdapter-512 "

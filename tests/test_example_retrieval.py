@@ -17,15 +17,18 @@ sys.path.insert(0, str(ROOT / "examples"))
 import retrieval  # noqa: E402
 
 from peft_cp.blip.demo import demo_vocabulary, word_tokenizer, write_shapes_dataset  # noqa: E402
-from peft_cp.blip.gated_query import add_gated_query  # noqa: E402
-from peft_cp.blip.retrieval import add_temperature  # noqa: E402
+from peft_cp.blip.plot import read_result  # noqa: E402
+from peft_cp.blip.recipe import load_recipe_adapter  # noqa: E402
 
 
 def test_short_demo_writes_results_adapter_and_cases(tmp_path):
     report = retrieval.main(["--epochs", "1", "--output-dir", str(tmp_path), "--cases", "3"])
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["metrics"]["task"] == "retrieval"
+    assert results["task"] == "retrieval"
+    assert results["metrics"]["r_mean"] == report["metrics"]["r_mean"]
+    # The file is what the cost/accuracy chart reads.
+    assert read_result(tmp_path / "results.json").accuracy == report["metrics"]["r_mean"]
     assert set(results["topk"]) == {"media_to_text", "text_to_media"}
     assert len(results["topk"]["text_to_media"]["indices"]) == 24 * 3
     assert (tmp_path / "cases.html").read_text().count('class="case"') == 3
@@ -33,9 +36,9 @@ def test_short_demo_writes_results_adapter_and_cases(tmp_path):
 
     # The saved adapter loads onto the saved base model (with the same added modules).
     base = BlipForImageTextRetrieval.from_pretrained(tmp_path / "base_model")
-    add_temperature(base)
-    add_gated_query(base)
-    model = PeftModel.from_pretrained(base, tmp_path / "best_adapter")
+    with pytest.raises(ValueError, match=r"no module named \['itc_temperature', 'gated_query'\]"):
+        PeftModel.from_pretrained(base, tmp_path / "best_adapter")
+    model = load_recipe_adapter(base, tmp_path / "best_adapter")
     assert model.base_model.factor_store().rank == 16
 
 

@@ -256,6 +256,10 @@ def test_config_validation(kwargs, message):
             },
             r"shared modules need equal shapes",
         ),
+        (
+            {"modules_to_save": ["itm_head", "gated_query"]},
+            r"has no module named \['gated_query'\].*peft_cp.blip.add_recipe_modules",
+        ),
     ],
 )
 def test_targeting_errors_leave_the_model_untouched(tiny_retrieval, kwargs, message):

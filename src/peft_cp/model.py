@@ -188,6 +188,7 @@ class AuroraModel(BaseTuner):
         config = self._prepare_adapter_config(
             self.peft_config[adapter_name], self.get_model_config(model)
         )
+        _check_modules_to_save(model, config)
         plan = plan_rows(model, config)
 
         first_target = model.get_submodule(next(iter(plan.rows)))
@@ -312,6 +313,23 @@ class AuroraModel(BaseTuner):
             source="the adapter state dict",
         )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _check_modules_to_save(model: nn.Module, config: AuroraConfig) -> None:
+    """Every name in `modules_to_save` must match a module (PEFT's rule: a name ending with it).
+
+    PEFT itself skips names that match nothing, so an adapter trained with modules added to its
+    base model (a task head, `peft_cp.blip`'s gated query) would load without them, unnoticed.
+    """
+    names = [key for key, _ in model.named_modules()]
+    missing = [m for m in config.modules_to_save or [] if not any(n.endswith(m) for n in names)]
+    if missing:
+        raise ValueError(
+            f"modules_to_save={sorted(config.modules_to_save)!r}: the {type(model).__name__} has "
+            f"no module named {missing}. If the adapter was trained with modules added to the base "
+            "model, add them before get_peft_model or PeftModel.from_pretrained (for the BLIP "
+            "recipes: peft_cp.blip.add_recipe_modules)."
+        )
 
 
 def _check_checkpoint_shapes(config: AuroraConfig, store: AuroraFactorStore) -> None:

@@ -424,9 +424,15 @@ def test_write_retrieval_results_converts_tensors(tmp_path: Path) -> None:
     path = tmp_path / "retrieval.json"
     topk = {"i2t": topk_per_query(torch.tensor([[0.1, 0.9, 0.5]]), k=2)}
 
-    write_retrieval_results(path, {"r_mean": 80.5}, topk)
+    write_retrieval_results(path, {"task": "retrieval", "metrics": {"r_mean": 80.5}}, topk)
 
-    assert json.loads(path.read_text()) == {"metrics": {"r_mean": 80.5}, "topk": {"i2t": [[1, 2]]}}
+    assert json.loads(path.read_text()) == {
+        "task": "retrieval",
+        "metrics": {"r_mean": 80.5},
+        "topk": {"i2t": [[1, 2]]},
+    }
+    with pytest.raises(ValueError, match="must not have a 'topk' key"):
+        write_retrieval_results(path, {"topk": []}, topk)
 
 
 def test_writers_keep_previous_file_when_serialisation_fails(tmp_path: Path) -> None:

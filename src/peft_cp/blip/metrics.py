@@ -531,14 +531,22 @@ def write_vqa_submission(path: str | os.PathLike[str], predictions: Mapping[int,
 
 
 def write_retrieval_results(
-    path: str | os.PathLike[str], metrics: Mapping[str, float], topk: Mapping[str, Any]
+    path: str | os.PathLike[str], record: Mapping[str, Any], topk: Mapping[str, Any]
 ) -> None:
-    """Write ``{"metrics": metrics, "topk": topk}`` as JSON to ``path``, atomically.
+    """Write ``{**record, "topk": topk}`` as JSON to ``path``, atomically.
 
-    Tensors anywhere inside (e.g. from `topk_per_query`) are stored as nested lists. Atomicity is as
-    in `write_vqa_submission`: a failed write leaves a previous file at ``path`` untouched.
+    `record` is the run's summary (for the examples: task, dataset, method, trainable_params and
+    the recall "metrics", the fields `peft_cp.blip.plot.read_result` reads); `topk` the top
+    candidates per query. Tensors anywhere inside (e.g. from `topk_per_query`) are stored as
+    nested lists. Atomicity is as in `write_vqa_submission`: a failed write leaves a previous file
+    at ``path`` untouched.
+
+    Raises:
+        ValueError: if `record` already has a "topk" key.
     """
-    _write_json_atomic(path, {"metrics": dict(metrics), "topk": dict(topk)})
+    if "topk" in record:
+        raise ValueError("record must not have a 'topk' key; pass the candidates as topk.")
+    _write_json_atomic(path, {**record, "topk": dict(topk)})
 
 
 def _write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:

@@ -2,8 +2,8 @@
 
 Two commands::
 
-    python -m peft_cp.plot weights --base MODEL --adapter FOLDER [--full FULL_MODEL] --out FOLDER
-    python -m peft_cp.plot chart RESULT.json [RESULT.json ...] [--benchmark BENCH.json] --out PNG
+    python -m peft_cp.blip.plot weights --base MODEL --adapter FOLDER [--full MODEL] --out FOLDER
+    python -m peft_cp.blip.plot chart RESULT.json [...] [--benchmark BENCH.json] --out PNG
 
 `weights` draws, for every attention layer of a BLIP model, the distribution of the query, key and
 value weights before (base) and after merging an Aurora adapter (W + dW), optionally next to a
@@ -181,9 +181,7 @@ def load_weight_sets(
         ValueError: a non-BLIP model, an adapter saved for a model of other shapes, or a full model
             whose attention matrices differ in shape from the base model's.
     """
-    import peft
-
-    import peft_cp  # noqa: F401  (registers Aurora with PEFT)
+    from .recipe import load_recipe_adapter
 
     adapter_path = Path(adapter)
     _check_model_path(adapter, "--adapter")
@@ -199,7 +197,7 @@ def load_weight_sets(
         raise ValueError(f"--base {base!r}: the model has no BLIP attention layers to draw.")
 
     try:
-        peft_model = peft.PeftModel.from_pretrained(model, adapter)
+        peft_model = load_recipe_adapter(model, adapter)
     except ValueError as error:
         raise ValueError(f"--adapter {adapter!r} does not fit --base {base!r}: {error}") from error
     except RuntimeError as error:  # size mismatches reported by load_state_dict
@@ -644,7 +642,7 @@ def _draw_benchmark(axis: Any, rows: Sequence[BenchmarkRow]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m peft_cp.plot", description=__doc__.split("\n")[0]
+        prog="python -m peft_cp.blip.plot", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -1,4 +1,4 @@
-"""The `python -m peft_cp.plot` figures, drawn from tiny random BLIPs and hand-made result files."""
+"""The `python -m peft_cp.blip.plot` figures, from tiny random BLIPs and hand-made result files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import BertConfig, BertModel, BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
-from peft_cp.plot import (
+from peft_cp.blip.plot import (
     CHART_PANEL_SIZE,
     PANEL_SIZE,
     SUMMARY_PANEL_SIZE,
