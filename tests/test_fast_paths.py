@@ -5,8 +5,10 @@ import gc
 import pytest
 import torch
 from peft import get_peft_model
+from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig, AuroraLayer
+from peft_cp.blip.configs import small_blip_config
 from peft_cp.functional import add_low_rank_
 
 TOLERANCES = {
@@ -65,11 +67,17 @@ def test_outputs_and_gradients_match_the_reference(tiny_retrieval, retrieval_inp
         )
 
 
+# Equal vision and text widths put the image tokens, the text hidden states and the attention
+# outputs in one V (as in BLIP-base), so they compete for the same cache entries.
+@pytest.mark.parametrize(("num_layers", "vision_width"), [(2, 48), (5, 32)])
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 def test_inputs_read_by_several_layers_are_projected_once(
-    tiny_retrieval, retrieval_inputs, clone, grad_mode, monkeypatch
+    retrieval_inputs, clone, grad_mode, num_layers, vision_width, monkeypatch
 ):
-    fast, reference = adapted(tiny_retrieval, clone)
+    torch.manual_seed(0)
+    config = small_blip_config(num_layers=num_layers, vision_width=vision_width)
+    base = BlipForImageTextRetrieval(config).eval()
+    fast, reference = adapted(base, clone)
     store = fast.base_model.factor_store()
     projections = []
     original = type(store).down_project
@@ -88,7 +96,7 @@ def test_inputs_read_by_several_layers_are_projected_once(
     # Per layer: vision qkv (fused already), text self-attention q/k/v (one input) and the
     # cross-attention query (its own input); once: the cross-attention keys and values of every
     # layer (all read the image tokens).
-    assert len(projections) == 2 * (1 + 1 + 1) + 1
+    assert len(projections) == num_layers * (1 + 1 + 1) + 1
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
 
 

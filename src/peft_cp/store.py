@@ -140,7 +140,8 @@ class _DownProjectionCache:
 
     A few entries per width suffice because the layers that share an input run close together,
     except for the image tokens, which every cross-attention layer of the text encoder reads:
-    keeping them among the `capacity` most recent entries projects them once for all layers.
+    entries are evicted least recently used first, so the image tokens, read once per layer, stay
+    among the `capacity` entries and are projected once for all layers.
     An entry never outlives its usefulness: it is keyed on the input *object* (a weak reference,
     so a new tensor that reuses a freed buffer never matches), on its in-place version and on V's
     (an optimizer step bumps it), and it is dropped as soon as backward reaches x V or the input
@@ -171,9 +172,16 @@ class _DownProjectionCache:
         )
 
     def lookup(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        for source, key, hidden, _ in self._entries.get(weight.shape[0], ()):
+        entries = self._entries.get(weight.shape[0], [])
+        for index, entry in enumerate(entries):
+            source, key, hidden, _ = entry
             if source() is x:
-                return hidden if key == self._key(x, weight) else None
+                if key != self._key(x, weight):
+                    return None
+                # Most recently used last: the image tokens, read by every cross-attention layer,
+                # then outlive the per-layer inputs that come and go between their reads.
+                entries.append(entries.pop(index))
+                return hidden
         return None
 
     def remember(self, x: torch.Tensor, weight: torch.Tensor, hidden: torch.Tensor) -> None:

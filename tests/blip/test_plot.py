@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -212,6 +214,27 @@ def test_chart_adds_a_benchmark_panel(result_files, tmp_path):
     assert [row.name for row in read_benchmark(benchmark)] == ["full", "aurora r=64"]
     width, height = CHART_PANEL_SIZE
     assert png_size(out) == (round(3 * width * 100), round(height * 100))
+
+
+def test_chart_reads_what_the_benchmark_writes(tmp_path):
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    import train_step
+
+    args = train_step.parse_args(["--configs", "floor,aurora128,uni512"])
+    times = {"floor": 2.0, "aurora128": 2.2, "uni512": 2.5}
+    tunable = {"floor": 2, "aurora128": 210_560, "uni512": 18_908_160}
+    memory = {name: {"peak_mib": 1000.0 * t, "step_mib": 100.0 * t} for name, t in times.items()}
+
+    result, _ = train_step.report(args, times, tunable, memory, inference={})
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(result))
+    rows = read_benchmark(path)
+
+    assert [(row.name, row.tunable) for row in rows] == list(tunable.items())
+    for row in rows:
+        assert row.time == pytest.approx(times[row.name] / times["uni512"])
+        assert row.memory == pytest.approx(times[row.name] / times["uni512"])  # memory ~ time here
 
 
 def test_read_result_takes_the_task_metric(result_files):
