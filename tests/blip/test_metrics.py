@@ -14,7 +14,6 @@ from peft_cp.blip import metrics
 from peft_cp.blip.metrics import (
     exact_match_accuracy,
     normalize_vqa_answer,
-    rerank_topk,
     retrieval_recall,
     topk_per_query,
     vqa_accuracy,
@@ -189,78 +188,6 @@ def test_topk_per_query_ties_on_a_large_row() -> None:
 def test_topk_per_query_rejects_bad_k(k: object) -> None:
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, num_candidates=5\], got"):
         topk_per_query(torch.zeros(2, 5), k=k)  # type: ignore[arg-type]
-
-
-def _brute_force_rerank(sim: torch.Tensor, k: int, score_fn, fill_value: float) -> torch.Tensor:
-    out = torch.full(sim.shape, fill_value, dtype=sim.dtype)
-    for query, row in enumerate(sim.tolist()):
-        candidates = sorted(range(len(row)), key=lambda c: (-row[c], c))[:k]
-        rescored = score_fn(query, torch.tensor(candidates))
-        for position, candidate in enumerate(candidates):
-            out[query, candidate] = rescored[position]
-    return out
-
-
-@pytest.mark.parametrize(("num_queries", "num_candidates", "k"), [(1, 1, 1), (5, 7, 3), (9, 4, 4)])
-@pytest.mark.parametrize("fill_value", [float("-inf"), -100.0])
-def test_rerank_topk_matches_brute_force(
-    num_queries: int, num_candidates: int, k: int, fill_value: float
-) -> None:
-    generator = torch.Generator().manual_seed(num_queries * 100 + num_candidates)
-    sim = torch.randint(0, 3, (num_queries, num_candidates), generator=generator).float()
-    matching = torch.randn(num_queries, num_candidates, generator=generator)
-    calls = []
-
-    def score_fn(query: int, candidates: torch.Tensor) -> torch.Tensor:
-        calls.append((query, candidates.tolist()))
-        return matching[query, candidates] + sim[query, candidates]
-
-    result = rerank_topk(sim, k, score_fn, fill_value=fill_value)
-
-    expected = _brute_force_rerank(sim, k, score_fn, fill_value)
-    torch.testing.assert_close(result, expected)
-    assert [query for query, _ in calls[:num_queries]] == list(range(num_queries))
-    assert all(type(query) is int and len(candidates) == k for query, candidates in calls)
-    assert (result != fill_value).sum(dim=1).tolist() == [k] * num_queries
-
-
-def test_rerank_topk_output_feeds_retrieval_recall() -> None:
-    inf = math.inf
-    sim = torch.tensor([[0.8, 0.9, 0.1], [0.1, 0.9, 0.8], [0.9, 0.2, 0.1]])
-    # The 5.0 entries sit outside each row's top 2 by sim, so they must never be used.
-    matching = torch.tensor([[1.0, 0.0, 5.0], [5.0, 0.2, 0.7], [0.3, 0.4, 5.0]])
-
-    i2t = rerank_topk(sim, 2, lambda query, candidates: matching[query, candidates])
-    result = retrieval_recall(i2t, i2t.T.contiguous(), [0, 1, 2], [[0], [1], [2]])
-
-    # Top 2 per row: {1, 0}, {1, 2}, {0, 1}. Ground-truth (diagonal) ranks after re-scoring: row 0
-    # -> 0 (the matching head lifts it above text 1), row 1 -> 1, row 2 -> 2 (not re-scored).
-    # Transposed rows: [1, -inf, 0.3] -> 0; [0, 0.2, 0.4] -> 1; [-inf, 0.7, -inf] -> 2 (the tie at
-    # -inf goes to image 0 first).
-    expected_i2t = torch.tensor([[1.0, 0.0, -inf], [-inf, 0.2, 0.7], [0.3, 0.4, -inf]])
-    torch.testing.assert_close(i2t, expected_i2t)
-    assert result["txt_r1"] == pytest.approx(100 / 3)
-    assert result["img_r1"] == pytest.approx(100 / 3)
-    assert result["r_mean"] == pytest.approx((100 / 3 + 200) / 3)
-
-
-def test_rerank_topk_error_paths() -> None:
-    sim = torch.zeros(2, 4)
-
-    with pytest.raises(
-        ValueError, match=r"score_fn must return a tensor of shape \(k,\) = \(2,\), got \(3,\)"
-    ):
-        rerank_topk(sim, 2, lambda query, candidates: torch.zeros(3))
-    with pytest.raises(ValueError, match=r"got list \(query 0\)"):
-        rerank_topk(sim, 2, lambda query, candidates: [0.0, 0.0])  # type: ignore[arg-type,return-value]
-    with pytest.raises(ValueError, match=r"k must be an integer in \[1, num_candidates=4\], got 5"):
-        rerank_topk(sim, 5, lambda query, candidates: torch.zeros(5))
-    with pytest.raises(
-        TypeError, match="sim must be a floating-point tensor, got dtype torch.int64"
-    ):
-        rerank_topk(sim.long(), 2, lambda query, candidates: torch.zeros(2))
-    with pytest.raises(ValueError, match=r"sim must be 2-D .*got shape \(4,\)"):
-        rerank_topk(torch.zeros(4), 2, lambda query, candidates: torch.zeros(2))
 
 
 # --------------------------------------------------------------------------------------------------

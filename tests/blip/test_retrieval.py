@@ -15,15 +15,19 @@ from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
+from peft_cp.blip.demo import demo_vocabulary, word_tokenizer
 from peft_cp.blip.gated_query import add_gated_query
 from peft_cp.blip.retrieval import (
     add_temperature,
+    blip_of,
     chance_recall,
     contrastive_loss,
     encode_media,
     negative_weights,
     pick_negatives,
+    rerank_scores,
     retrieval_losses,
+    tokenize_captions,
 )
 from peft_cp.blip.training import TrainingArguments, fit
 
@@ -62,6 +66,26 @@ def test_hard_negatives_never_share_the_id():
 
     masked = similarity.masked_fill(ids[:, None] == ids[None, :], float("-inf"))
     assert torch.equal(hardest, masked.argmax(dim=1))
+
+
+def test_hard_negatives_survive_a_tiny_temperature():
+    # Positives far more similar than the negatives: at tau = 1e-4 a softmax over all candidates
+    # gives the negatives exactly zero weight in float32.
+    ids = torch.tensor([0, 0, 1, 2])
+    similarity = torch.where(ids[:, None] == ids[None, :], 1.0, -1.0)
+    similarity[0, 2] = -0.5  # the hardest negative of the first query
+    similarity = similarity / 1e-4
+    assert F.softmax(similarity, dim=1)[:2, 2:].sum() == 0  # the underflow to avoid
+
+    weights = negative_weights(similarity, ids, ids)
+    generator = torch.Generator().manual_seed(0)
+    picked = torch.stack([pick_negatives(weights, "sample", generator) for _ in range(100)])
+
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    assert not torch.any(ids[picked] == ids)
+    assert torch.all(picked[:, 0] == 2)  # the hardest negative takes all the mass
+    assert pick_negatives(weights, "hardest", None).tolist() == [2, 2, 0, 0]
 
 
 def test_a_batch_of_one_medium_has_no_negatives():
@@ -131,6 +155,101 @@ def test_gated_query_leaves_step_zero_unchanged_and_is_trained_and_saved(tmp_pat
 def test_gated_query_needs_a_blip_text_encoder():
     with pytest.raises(ValueError, match="component='text_encoder'.*Linear has no such submodule"):
         add_gated_query(torch.nn.Linear(2, 2))
+
+
+def test_blip_of_needs_a_blip_text_encoder():
+    with pytest.raises(TypeError, match="got Sequential, in which no wrapped module has one"):
+        blip_of(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+    model = tiny_peft_retrieval()
+    assert blip_of(model).text_encoder is model.base_model.model.text_encoder
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_other_image_sizes_resize_the_position_embeddings(size):
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(small_blip_config(image_size=32, patch_size=8)).eval()
+    pixels = torch.randn(2, 3, size, size)
+
+    media = encode_media(model, pixels)
+
+    expected = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    assert media.embeds.shape == (2, (size // 8) ** 2 + 1, 48)
+    torch.testing.assert_close(media.embeds, expected.last_hidden_state)
+    if size < 32:
+        # Without resizing, the first positions of the 4 x 4 grid would be used.
+        truncated = model.vision_model(pixel_values=pixels).last_hidden_state
+        assert not torch.allclose(media.embeds, truncated)
+
+
+def test_native_image_size_is_unchanged():
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(small_blip_config(image_size=32, patch_size=8)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+
+    media = encode_media(model, pixels)
+
+    expected = model.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(media.embeds, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_rerank_scores_match_a_brute_force_computation(k):
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(small_blip_config(init_std=0.1)).eval()
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(3, 3, 32, 32, generator=generator)
+    input_ids = torch.randint(3, 100, (5, 6), generator=generator)
+    attention_mask = torch.ones(5, 6, dtype=torch.long)
+    attention_mask[1, 4:] = 0  # padded captions
+    attention_mask[3, 2:] = 0
+    sims = torch.randn(3, 5, generator=generator)
+    with torch.no_grad():
+        media_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+
+    scores_m2t, scores_t2m = rerank_scores(
+        model, sims, media_embeds, input_ids, attention_mask, k, batch_size=2
+    )
+
+    # ITM logit of every pair from BLIP's own forward, kept on each query's top k by similarity.
+    with torch.no_grad():
+        itm = torch.tensor(
+            [
+                [
+                    model(
+                        input_ids=input_ids[t : t + 1],
+                        attention_mask=attention_mask[t : t + 1],
+                        pixel_values=pixels[m : m + 1],
+                    ).itm_score[0, 1]
+                    for t in range(5)
+                ]
+                for m in range(3)
+            ]
+        )
+    expected_m2t = torch.full((3, 5), -100.0)
+    for m in range(3):
+        for t in sims[m].argsort(descending=True)[:k]:
+            expected_m2t[m, t] = itm[m, t] + sims[m, t]
+    expected_t2m = torch.full((5, 3), -100.0)
+    for t in range(5):
+        for m in sims[:, t].argsort(descending=True)[:k]:
+            expected_t2m[t, m] = itm[m, t] + sims[m, t]
+    torch.testing.assert_close(scores_m2t, expected_m2t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores_t2m, expected_t2m, rtol=1e-5, atol=1e-5)
+
+
+def test_training_captions_pad_to_the_fixed_length():
+    tokenizer = word_tokenizer(demo_vocabulary())
+    short, long = ["the circle is red"], ["a picture of a red circle", "the square is blue"]
+
+    fixed = [tokenize_captions(tokenizer, texts, 16) for texts in (short, long)]
+    dynamic = tokenize_captions(tokenizer, long, 16, padding="longest")
+
+    assert [t["input_ids"].shape for t in fixed] == [(1, 16), (2, 16)]
+    assert fixed[0]["attention_mask"].sum().item() == 6  # [CLS] 4 words [SEP]
+    assert dynamic["input_ids"].shape == (2, 8)
+    torch.testing.assert_close(fixed[1]["input_ids"][:, :8], dynamic["input_ids"])
+    assert tokenize_captions(tokenizer, long * 8, 5)["input_ids"].shape == (16, 5)  # truncated
 
 
 def test_video_media_average_the_frames():

@@ -2,9 +2,10 @@
 
 Retrieval follows the protocol reported by ALBEF, BLIP and UniAdapter: recall at 1, 5 and 10 in both
 directions, usually on a contrastive similarity matrix whose top-k entries per query were re-scored
-by the image-text matching head (`rerank_topk`). VQA accuracy follows the official VQAv2 evaluation:
-answers are normalised (punctuation, number words, articles, contractions) and a prediction earns
-min(#humans who gave it / 3, 1), averaged over the leave-one-out subsets of the human answers.
+by the image-text matching head (`peft_cp.blip.retrieval.rerank_scores`). VQA accuracy follows the
+official VQAv2 evaluation: answers are normalised (punctuation, number words, articles,
+contractions) and a prediction earns min(#humans who gave it / 3, 1), averaged over the
+leave-one-out subsets of the human answers.
 
 Everything here is model-agnostic: it takes score matrices and strings, never a model.
 """
@@ -16,7 +17,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,6 @@ from torch import Tensor
 __all__ = [
     "exact_match_accuracy",
     "normalize_vqa_answer",
-    "rerank_topk",
     "retrieval_recall",
     "topk_per_query",
     "vqa_accuracy",
@@ -142,54 +142,6 @@ def topk_per_query(scores: Tensor, k: int = 5) -> Tensor:
     # A stable descending sort keeps equal scores in index order; torch.topk does not promise that.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return order[:, :k]
-
-
-def rerank_topk(
-    sim: Tensor,
-    k: int,
-    score_fn: Callable[[int, Tensor], Tensor],
-    fill_value: float = float("-inf"),
-) -> Tensor:
-    """Scores with each query's top-``k`` candidates by ``sim`` re-scored by ``score_fn``.
-
-    out[q, c] = score_fn(q, C_q)[j] if c == C_q[j] else fill_value,  C_q = topk_per_query(sim, k)[q]
-
-    This is the evaluation protocol of ALBEF/BLIP retrieval: a cheap contrastive similarity picks
-    ``k`` candidates per query and an expensive matching head re-scores only those. ``score_fn`` is
-    where the model lives; to reproduce BLIP, return the matching score plus ``sim[q, C_q]``.
-
-    The default fill is ``-inf`` (BLIP uses -100.0) so that the re-scored candidates always rank
-    ahead of the rest, whatever the scale of the re-scores. Re-scores are detached: this is for
-    evaluation, and keeping every query's graph alive would hold the whole model's activations.
-
-    Args:
-        sim: (num_queries, num_candidates) floating-point similarities used to pick candidates.
-        k: candidates re-scored per query, 1 <= k <= num_candidates.
-        score_fn: called once per query as ``score_fn(query_index, candidate_indices)`` with an int
-            and a (k,) int64 tensor on the device of ``sim``; returns a (k,) tensor of re-scores.
-        fill_value: score of the candidates that were not re-scored.
-
-    Returns:
-        (num_queries, num_candidates) tensor with the dtype and device of ``sim``.
-    """
-    _check_matrix(sim, "sim")
-    if not sim.is_floating_point():
-        raise TypeError(f"sim must be a floating-point tensor, got dtype {sim.dtype}.")
-    _check_k(k, sim.shape[1])
-
-    candidates = topk_per_query(sim, k)
-    out = torch.full_like(sim, fill_value)
-
-    for query in range(sim.shape[0]):
-        rescored = score_fn(query, candidates[query])
-        if not isinstance(rescored, Tensor) or rescored.shape != (k,):
-            got = tuple(rescored.shape) if isinstance(rescored, Tensor) else type(rescored).__name__
-            raise ValueError(
-                f"score_fn must return a tensor of shape (k,) = ({k},), got {got} (query {query})."
-            )
-        out[query, candidates[query]] = rescored.detach().to(dtype=out.dtype, device=out.device)
-
-    return out
 
 
 def _ground_truth_ranks(scores: Tensor, query_index: Tensor, target_index: Tensor) -> Tensor:

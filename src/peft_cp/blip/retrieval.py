@@ -26,13 +26,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 CONTEXT_WEIGHT = 0.1
 TEMPERATURE_MODULE_NAME = "itc_temperature"
 
 
 class Temperature(nn.Module):
-    """The learnable contrastive temperature, kept in [0.001, 0.5] (BLIP starts it at 0.07)."""
+    """The learnable contrastive temperature tau of BLIP's ITC loss: tau = clamp(t, 0.001, 0.5).
+
+    Similarities are divided by tau before the softmax (see `contrastive_loss`), so a small tau
+    sharpens the distribution over candidates. `t` starts at BLIP's 0.07 and is trained like any
+    other parameter; the clamp keeps the logits finite and the softmax from going flat.
+    `forward()` returns tau as a 0-d tensor.
+    """
 
     def __init__(self, initial: float = 0.07) -> None:
         super().__init__()
@@ -51,10 +58,24 @@ def add_temperature(model: nn.Module) -> list[str]:
 
 
 def blip_of(model: nn.Module) -> nn.Module:
-    """The `BlipForImageTextRetrieval` inside a PEFT or DDP wrapper."""
-    while not hasattr(model, "text_encoder"):
-        model = getattr(model, "module", None) or model.get_base_model()
-    return model
+    """The `BlipForImageTextRetrieval` inside PEFT, DDP or FSDP wrappers (or `model` itself).
+
+    Raises:
+        TypeError: if no wrapper level has a BLIP `text_encoder`.
+    """
+    current = model
+    while not hasattr(current, "text_encoder"):
+        inner = getattr(current, "module", None)  # DDP, FSDP, the trainer's loss module
+        if inner is None and hasattr(current, "get_base_model"):
+            inner = current.get_base_model()  # PEFT
+        if not isinstance(inner, nn.Module) or inner is current:
+            raise TypeError(
+                "model must be a BlipForImageTextRetrieval (plain, or wrapped by PEFT, DDP or "
+                f"FSDP) with a `text_encoder`; got {type(model).__name__}, in which no wrapped "
+                "module has one."
+            )
+        current = inner
+    return current
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -75,12 +96,21 @@ class MediaFeatures:
 
 
 def encode_media(model: nn.Module, pixel_values: torch.Tensor) -> MediaFeatures:
-    """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> tokens and contrastive features."""
+    """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> tokens and contrastive features.
+
+    Frames of another size than the vision config's `image_size` (224 px video frames on a 384 px
+    checkpoint) get the position embeddings bicubically resized to their patch grid; without that,
+    BLIP would silently use the first positions of the larger grid.
+    """
     blip = blip_of(model)
     video = pixel_values.dim() == 5
     frames = pixel_values.flatten(0, 1) if video else pixel_values
 
-    tokens = blip.vision_model(pixel_values=frames).last_hidden_state  # (B*T, tokens, D)
+    native = blip.vision_model.config.image_size
+    resize = tuple(frames.shape[-2:]) != (native, native)
+    tokens = blip.vision_model(
+        pixel_values=frames, interpolate_pos_encoding=resize
+    ).last_hidden_state  # (B*T, tokens, D)
     if video:
         tokens = tokens.unflatten(0, pixel_values.shape[:2])  # (B, T, tokens, D)
         cls = tokens[:, :, 0].mean(dim=1)
@@ -124,6 +154,8 @@ def match_logits(model: nn.Module, fused: torch.Tensor) -> torch.Tensor:
 
 
 def temperature(model: nn.Module) -> torch.Tensor:
+    """The ITC temperature tau of `model` as a 0-d tensor: its `Temperature` module's value when
+    `add_temperature` gave it one, else BLIP's fixed 0.07."""
     blip = blip_of(model)
     module = getattr(blip, TEMPERATURE_MODULE_NAME, None)
     if module is None:
@@ -142,8 +174,24 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """ITC: mean of the media->text and text->media soft-target cross-entropies.
 
-    Each local item is scored against the candidates of every process (`all_*`, default: the
-    local ones); the targets spread evenly over the candidates with the same media id.
+        L = 1/2 mean_i [ -sum_j y_ij log softmax_j(m_i . t_j / tau)
+                         -sum_j y_ij log softmax_j(t_i . m_j / tau) ],
+        y_ij = [id_i = id_j] / #{j : id_j = id_i}
+
+    Each local item i is scored against the candidates j of every process (`all_*`, default: the
+    local ones); the targets y spread evenly over the candidates with the same media id.
+
+    Args:
+        media_features: (B, P) normalised media embeddings m of this process.
+        text_features: (B, P) normalised caption embeddings t, pair i with media i.
+        media_ids: (B,) media id of each pair.
+        temp: 0-d temperature tau (see `temperature`).
+        all_media_features: (B_all, P) media embeddings of every process.
+        all_text_features: (B_all, P) caption embeddings of every process.
+        all_media_ids: (B_all,) their media ids.
+
+    Returns:
+        The 0-d loss.
     """
     all_media_features = media_features if all_media_features is None else all_media_features
     all_text_features = text_features if all_text_features is None else all_text_features
@@ -162,24 +210,42 @@ def contrastive_loss(
 def negative_weights(
     similarity: torch.Tensor, ids: torch.Tensor, candidate_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Sampling weights of hard negatives: softmax of `similarity` with same-id pairs zeroed.
+    """Sampling weights of hard negatives: w_ic = softmax_c(s_ic) over the c with id_c != id_i.
 
-    similarity: (B, C); ids: (B,); candidate_ids: (C,). Raises if a row has no negative.
+    The same-id pairs are masked to -inf before the softmax, not zeroed after it: with a small
+    temperature the positives would otherwise take all the mass and the negatives underflow to 0.
+
+    Args:
+        similarity: (B, C) similarities s (already divided by the temperature).
+        ids: (B,) media id of each query.
+        candidate_ids: (C,) media id of each candidate.
+
+    Returns:
+        (B, C) float32 weights, each row summing to 1 and zero on same-id candidates.
+
+    Raises:
+        ValueError: if a row has no candidate with another id.
     """
-    weights = F.softmax(similarity.float(), dim=1)
-    weights = weights.masked_fill(ids[:, None] == candidate_ids[None, :], 0.0)
-    empty = weights.sum(dim=1) == 0
+    same = ids[:, None] == candidate_ids[None, :]
+    empty = same.all(dim=1)
     if empty.any():
         raise ValueError(
             f"{int(empty.sum())} item(s) of the batch have no negative: every candidate shares "
             "their media id. Use batches with at least two different media."
         )
-    return weights
+
+    return F.softmax(similarity.float().masked_fill(same, float("-inf")), dim=1)
 
 
 def pick_negatives(
     weights: torch.Tensor, mode: Literal["sample", "hardest"], generator: torch.Generator | None
 ) -> torch.Tensor:
+    """One negative candidate per row of `weights` (B, C) (from `negative_weights`): (B,) indices.
+
+    "sample" draws c ~ Categorical(w_i) (BLIP's hard-negative mining), "hardest" takes
+    argmax_c w_ic, the most similar candidate with another id. Zero-weight candidates are never
+    picked by either.
+    """
     if mode == "hardest":
         return weights.argmax(dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -296,11 +362,25 @@ def rerank_scores(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 64,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score each query's top-k candidates with the matching head: ITM logit + similarity.
 
-    Queries are split over processes (this one takes rows `rank::world_size`); others stay at
-    -100, so summing the matrices of all processes gives the full result.
+        scores_m2t[m, t] = itm(m, t) + sims[m, t]  if t is among the k largest of sims[m, :]
+                           -100                     otherwise
+        scores_t2m[t, m] = itm(m, t) + sims[m, t]  if m is among the k largest of sims[:, t]
+                           -100                     otherwise
+
+    where itm(m, t) is the "matches" logit (column 1) of the matching head on media m and caption
+    t. Queries are split over processes (this one takes rows `rank::world_size`) and the results
+    summed, so every process returns the full matrices.
+
+    Args:
+        sims: (M, T) ITC similarities.
+        media_embeds: (M, L, D) media tokens the text encoder cross-attends to.
+        text_input_ids, text_attention_mask: (T, N) tokenised captions.
+        k: candidates re-scored per query (capped at the number of candidates).
+        progress: show a progress bar on the process of rank 0.
 
     Returns:
         (scores_m2t (M, T), scores_t2m (T, M)).
@@ -323,12 +403,22 @@ def rerank_scores(
             out.append(match_logits(model, fused)[:, 1])
         return torch.cat(out)
 
-    for m in range(rank, sims.shape[0], world_size):
+    media_queries = range(rank, sims.shape[0], world_size)
+    text_queries = range(rank, sims.shape[1], world_size)
+    bar = tqdm(
+        total=len(media_queries) + len(text_queries),
+        desc="re-ranking",
+        disable=not progress or rank != 0,
+    )
+    for m in media_queries:
         top_sims, top_texts = sims[m].topk(k_media)
         scores_m2t[m, top_texts] = itm(torch.full_like(top_texts, m), top_texts) + top_sims
-    for t in range(rank, sims.shape[1], world_size):
+        bar.update()
+    for t in text_queries:
         top_sims, top_media = sims[:, t].topk(k_text)
         scores_t2m[t, top_media] = itm(top_media, torch.full_like(top_media, t)) + top_sims
+        bar.update()
+    bar.close()
 
     if world_size > 1:
         # Rows of other processes are -100 here; shift to zero, sum, shift back.
@@ -348,10 +438,21 @@ def chance_recall(num_candidates: int, k: int, positives: int = 1) -> float:
     return 100.0 * (1.0 - miss)
 
 
-def tokenize_captions(tokenizer, texts: list[str], max_length: int, device=None) -> dict:
-    """Pad to the longest caption and truncate at `max_length` tokens (BLIP uses 35)."""
+def tokenize_captions(
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    device=None,
+    padding: Literal["max_length", "longest"] = "max_length",
+) -> dict:
+    """`input_ids` and `attention_mask` (N, L), truncated at `max_length` tokens (BLIP uses 35).
+
+    With "max_length" (the default, as BLIP trains) L = `max_length` whatever the captions, so the
+    token ids of every process can be gathered in the ITM loss; "longest" pads only to the longest
+    caption of `texts`, enough where nothing is gathered (evaluation).
+    """
     tokens = tokenizer(
-        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
     )
     return {k: v.to(device) if device is not None else v for k, v in tokens.items()}
 
@@ -384,7 +485,7 @@ def evaluate_retrieval(
         dataset, batch_size=batch_size, collate_fn=collate_retrieval_eval, num_workers=num_workers
     )
     media_batches = ({"pixel_values": b["pixel_values"].to(device)} for b in loader)
-    tokens = tokenize_captions(tokenizer, dataset.texts, max_length, device)
+    tokens = tokenize_captions(tokenizer, dataset.texts, max_length, device, padding="longest")
 
     sims, media_embeds, _ = similarity_matrix(
         model, media_batches, tokens["input_ids"], tokens["attention_mask"]
