@@ -4,8 +4,9 @@ Builds full-size BLIP-base image-text retrieval (`BlipConfig()`, random weights)
 training step per configuration: the vision encoder once, the contrastive head (image and text
 [CLS] features, cosine similarities) and the matching head (text encoder cross-attending to the
 image tokens, `itm_head`), a cross-entropy loss on each, backward and an AdamW step. The
-configurations run interleaved in one process (A B C A B C ...) and each reports the median over
-the measured rounds, so background load hits all of them alike. Peak memory is measured for each
+configurations run interleaved in one process, one step of each per round in a new order every
+round, and each reports the median over the measured rounds, so background load hits all of them
+alike. Peak memory is measured for each
 configuration in a fresh subprocess (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
 
 Configurations:
@@ -31,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import random
 import statistics
 import subprocess
 import sys
@@ -190,10 +192,19 @@ def timed(fn: Callable[[], None], device: str) -> float:
 def interleaved_medians(
     jobs: dict[str, Callable[[], None]], args: argparse.Namespace, what: str
 ) -> dict[str, float]:
-    """Run the jobs round-robin for warmup + steps rounds; median seconds over the measured ones."""
+    """Run every job once per round for warmup + steps rounds; median seconds of the measured ones.
+
+    Each round runs the jobs in a new (seeded) order, so that no configuration always follows the
+    same one: a step that frees or allocates much memory (full fine-tuning's gradients and AdamW
+    state) slows whichever step comes next.
+    """
     times: dict[str, list[float]] = {name: [] for name in jobs}
+    order = list(jobs)
+    shuffler = random.Random(0)
     for round_index in range(args.warmup + args.steps):
-        for name, job in jobs.items():
+        shuffler.shuffle(order)
+        for name in order:
+            job = jobs[name]
             seconds = timed(job, args.device)
             if round_index >= args.warmup:
                 times[name].append(seconds)
