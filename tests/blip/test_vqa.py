@@ -162,6 +162,40 @@ def test_rank_answers_equals_brute_force_with_all_candidates(
     torch.testing.assert_close(best, scores.argmax(dim=1))
 
 
+def _first_token_probabilities(model, states, question_mask, answer_ids):
+    """Reference: the decoder's first-step distribution over each candidate's first token (B, N)."""
+    start = torch.full((states.shape[0], 1), model.decoder_start_token_id)
+    logits = model.text_decoder(
+        input_ids=start, encoder_hidden_states=states, encoder_attention_mask=question_mask
+    ).logits[:, 0]  # (B, V)
+    return logits.softmax(dim=-1)[:, answer_ids[:, 1]]
+
+
+@pytest.mark.parametrize("rescore_rows", [1024, 4])  # 4: one question per decoder pass
+def test_rank_answers_rescores_only_the_top_k_first_tokens(
+    tiny_vqa, questions, rescore_rows, monkeypatch
+):
+    monkeypatch.setattr(vqa, "_RESCORE_ROWS", rescore_rows)
+    answer_ids, answer_mask, rows = _answers([1, 2, 3, 1, 2, 1, 4, 2], seed=6)
+    assert len({row[1].item() for row in rows}) == len(rows)  # distinct first tokens: no ties
+    k = 3
+
+    best = rank_answers(tiny_vqa, **questions, answer_ids=answer_ids, answer_mask=answer_mask, k=k)
+
+    with torch.no_grad():
+        mask = questions["question_mask"]
+        states = encode_questions(tiny_vqa, **questions)
+        first = _first_token_probabilities(tiny_vqa, states, mask, answer_ids)
+        expected, unpruned = [], []
+        for b in range(3):
+            scores = [_log_likelihood(tiny_vqa, states[b], mask[b], row) for row in rows]
+            shortlist = first[b].argsort(descending=True)[:k].tolist()
+            expected.append(max(shortlist, key=lambda i: scores[i]))
+            unpruned.append(max(range(len(rows)), key=lambda i: scores[i]))
+    torch.testing.assert_close(best, torch.tensor(expected))
+    assert expected != unpruned  # the case exercises pruning: a full ranking would differ
+
+
 def test_rank_answers_with_k1_takes_most_probable_first_token(tiny_vqa, questions):
     answer_ids, answer_mask, rows = _answers([2, 2, 2, 2], seed=7)
     assert len({row[1].item() for row in rows}) == 4  # distinct first tokens: no ties
@@ -229,6 +263,32 @@ def test_video_input_works_for_loss_ranking_and_generation(tiny_vqa, questions):
     assert loss.isfinite() and best.shape == (3,)
 
 
+def test_encode_media_at_the_native_size_is_the_plain_vision_model(tiny_vqa, questions):
+    pixels = questions["pixel_values"]
+
+    tokens = encode_media(tiny_vqa, pixels)
+
+    with torch.no_grad():
+        expected = tiny_vqa.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frames", [None, 2])
+def test_encode_media_interpolates_positions_for_larger_media(tiny_vqa, frames):
+    size = IMAGE + 16  # a 6 x 6 patch grid on a model whose position embeddings cover 4 x 4
+    shape = (2, 3, size, size) if frames is None else (2, frames, 3, size, size)
+    pixels = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+
+    tokens = encode_media(tiny_vqa, pixels)
+
+    with torch.no_grad():
+        expected = tiny_vqa.vision_model(
+            pixel_values=pixels.reshape(-1, 3, size, size), interpolate_pos_encoding=True
+        ).last_hidden_state
+    torch.testing.assert_close(tokens, expected.reshape(2, -1, 32))
+    assert tokens.shape[1] == (frames or 1) * ((size // 8) ** 2 + 1)
+
+
 def test_encode_media_rejects_other_shapes(tiny_vqa):
     with pytest.raises(ValueError, match=r"pixel_values must have shape .* got \(3, 32, 32\)"):
         encode_media(tiny_vqa, torch.randn(3, IMAGE, IMAGE))
@@ -276,3 +336,58 @@ def test_demo_video_qa_files_are_read_by_the_loaders(tmp_path):
     assert train[0]["pixel_values"].shape == (4, 3, IMAGE, IMAGE)
     assert test[0]["question"] == "what color is the moving shape?"
     assert all(len(item.answers) == 1 for item in test.items)
+
+
+def test_encoder_and_decoder_move_together_under_one_set_of_factors(tiny_vqa, questions, clone):
+    answer_ids, answer_mask, _ = _answers([1, 2, 1, 3])
+    inputs = {
+        **questions,
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
+        "weights": torch.tensor([1.0, 0.5, 0.5, 1.0]),
+        "answer_counts": torch.tensor([1, 2, 1]),
+    }
+    suffix = "encoder.layer.1.crossattention.self.query"
+    encoder_name, decoder_name = f"text_encoder.{suffix}", f"text_decoder.bert.{suffix}"
+    # init_weights=False: with V = 0 the gradient of P would be zero and the test vacuous.
+    shared = get_peft_model(clone(tiny_vqa), peft_cp.AuroraConfig(rank=4, init_weights=False))
+    store = shared.base_model.factor_store()
+    rows = shared.base_model.row_plan().rows
+    encoder = shared.base_model.model.get_submodule(encoder_name)
+    decoder = shared.base_model.model.get_submodule(decoder_name)
+    assert decoder.aurora_stores["default"] is encoder.aurora_stores["default"] is store
+    assert rows[decoder_name] == rows[encoder_name]
+
+    # Reference: the same factors with separate rows for the decoder, started equal to the
+    # encoder's. The shared row's gradient must be the sum of both rows' gradients there.
+    separate = get_peft_model(
+        clone(tiny_vqa), peft_cp.AuroraConfig(rank=4, init_weights=False, row_sharing={})
+    )
+    reference = separate.base_model.factor_store()
+    reference_rows = separate.base_model.row_plan().rows
+    with torch.no_grad():
+        for name, parameter in store.named_parameters():
+            if name != "P":
+                reference.get_parameter(name).copy_(parameter)
+        for name, own in reference_rows.items():
+            source = rows[name]  # a decoder module reads its encoder counterpart's rows
+            reference.P[own] = store.P[source]
+    answer_loss(separate, **inputs).backward()
+    expected_grad = reference.P.grad[reference_rows[encoder_name]]
+    expected_grad = expected_grad + reference.P.grad[reference_rows[decoder_name]]
+    assert reference.P.grad[reference_rows[decoder_name]].abs().sum() > 0
+
+    before = encoder.get_delta_weight("default").detach().clone()
+    p_before = store.P.detach().clone()
+    optimizer = torch.optim.SGD([p for p in shared.parameters() if p.requires_grad], lr=0.1)
+    answer_loss(shared, **inputs).backward()
+    torch.testing.assert_close(store.P.grad[rows[encoder_name]], expected_grad)
+    optimizer.step()
+
+    torch.testing.assert_close(
+        store.P[rows[encoder_name]], p_before[rows[encoder_name]] - 0.1 * expected_grad
+    )
+    after_encoder = encoder.get_delta_weight("default")
+    after_decoder = decoder.get_delta_weight("default")
+    assert not torch.allclose(after_encoder, before)
+    torch.testing.assert_close(after_decoder, after_encoder, rtol=0, atol=0)

@@ -65,18 +65,25 @@ def encode_media(model: nn.Module, pixel_values: Tensor) -> Tensor:
     """Patch tokens of images (B, 3, H, W) or videos (B, T, 3, H, W): (B, L, D) or (B, T * L, D).
 
     Frames are encoded independently (one batch of B * T images) and concatenated in time order.
+    Media of another size than the vision config's `image_size` (VQAv2 at 480 px on a checkpoint
+    trained at 384 px) get the position embeddings interpolated to their patch grid.
     """
     blip = unwrap_blip_vqa(model)
-    if pixel_values.dim() == 4:
-        return blip.vision_model(pixel_values=pixel_values).last_hidden_state
-    if pixel_values.dim() != 5:
+    if pixel_values.dim() not in (4, 5):
         raise ValueError(
             f"pixel_values must have shape (B, 3, H, W) for images or (B, T, 3, H, W) for videos, "
             f"got {tuple(pixel_values.shape)}."
         )
 
+    images = pixel_values if pixel_values.dim() == 4 else pixel_values.flatten(0, 1)
+    native = blip.config.vision_config.image_size
+    tokens = blip.vision_model(
+        pixel_values=images, interpolate_pos_encoding=tuple(images.shape[-2:]) != (native, native)
+    ).last_hidden_state  # (B or B * T, L, D)
+    if pixel_values.dim() == 4:
+        return tokens
+
     batch, frames = pixel_values.shape[:2]
-    tokens = blip.vision_model(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state
     return tokens.reshape(batch, frames * tokens.shape[1], tokens.shape[2])  # (B, T * L, D)
 
 
