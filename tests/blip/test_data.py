@@ -299,10 +299,10 @@ def test_read_vqa_train_and_test(tmp_path: Path) -> None:
     items = read_vqa_annotations(train, "train")
     assert [(i.answers, i.weights, i.source, i.question_id) for i in items] == [
         (("a", "b"), (0.5, 0.5), "vqa", None),
-        (("two",), (1.0,), "vg", None),
+        (("two",), (0.2,), "vg", None),  # BLIP's weight for a Visual Genome answer
         (("x",), (1.0,), "vqa", 12),
     ]
-    assert read_vqa_annotations(train, "train", vg_answer_weight=0.2)[1].weights == (0.2,)
+    assert read_vqa_annotations(train, "train", vg_answer_weight=1.0)[1].weights == (1.0,)
 
     (item,) = read_vqa_annotations(test, "test")
     assert (item.media, item.question, item.question_id, item.answers) == (
@@ -689,8 +689,18 @@ def test_vqa_datasets(tmp_path: Path) -> None:
     assert batch["pixel_values"].shape == (2, 3, SIZE, SIZE)
     assert batch["question"] == ["what is this?", "where?"]
     assert batch["answers"] == ["cat", "dog", "park"]
-    torch.testing.assert_close(batch["weights"], torch.tensor([0.75, 0.25, 1.0]))
+    torch.testing.assert_close(batch["weights"], torch.tensor([0.75, 0.25, 0.2]))
     torch.testing.assert_close(batch["answer_counts"], torch.tensor([2, 1]))
+
+    heavier = VQATrainDataset(
+        [train_vqa, train_vg],
+        tmp_path / "coco",
+        image_loader(),
+        benchmark="vqav2",
+        vg_root=tmp_path / "vg",
+        vg_answer_weight=0.5,
+    )
+    assert heavier[1]["weights"] == [0.5] and heavier[0]["weights"] == [0.75, 0.25]
 
     test_set = VQATestDataset(test, tmp_path / "coco", image_loader(), benchmark="vqav2")
     batch = collate_vqa_test([test_set[0]])

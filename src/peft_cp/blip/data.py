@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 IMAGE_CAPTION_WORDS = 30
 VIDEO_CAPTION_WORDS = 40
 QUESTION_WORDS = 50
+# Weight of a Visual Genome answer in the training loss, as in BLIP's VQA recipe: one annotator's
+# single answer counts for less than a VQAv2 question's consensus, whose weights sum to 1.
+VG_ANSWER_WEIGHT = 0.2
 
 RetrievalBenchmark = Literal["coco", "flickr30k", "msrvtt", "didemo"]
 QABenchmark = Literal["vqav2", "msrvtt_qa"]
@@ -189,7 +192,7 @@ def read_video_text_annotations(
 def read_vqa_annotations(
     path: str | Path,
     split: Literal["train", "test"],
-    vg_answer_weight: float = 1.0,
+    vg_answer_weight: float = VG_ANSWER_WEIGHT,
     errors: list[AnnotationError] | None = None,
 ) -> list[QAItem]:
     """Read a VQAv2 (optionally Visual Genome) annotation list in BLIP's format.
@@ -197,7 +200,7 @@ def read_vqa_annotations(
     Training entries are ``{"question", "image", "answer": [human answers]}``; each distinct answer
     is weighted by its share of the list, so ``["a", "a", "b", "b"]`` gives ``a: 0.5, b: 0.5``.
     Entries with ``"dataset": "vg"`` are Visual Genome questions with a single answer string
-    weighted ``vg_answer_weight`` (BLIP's own recipe uses 0.2). Test entries are
+    weighted ``vg_answer_weight`` (default 0.2, as BLIP's recipe). Test entries are
     ``{"question_id", "question", "image"}``. When ``errors`` is a list, malformed entries are
     appended to it and skipped instead of raised.
     """
@@ -658,7 +661,7 @@ class VQATrainDataset(_MediaDataset):
         benchmark: QABenchmark,
         vg_root: str | Path | None = None,
         max_words: int = QUESTION_WORDS,
-        vg_answer_weight: float = 1.0,
+        vg_answer_weight: float = VG_ANSWER_WEIGHT,
         skip_bad: bool = False,
     ) -> None:
         super().__init__(media_root, loader, benchmark, skip_bad)
