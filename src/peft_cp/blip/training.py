@@ -1,8 +1,9 @@
 """A small Accelerate training loop shared by the retrieval and question-answering recipes.
 
-AdamW on the trainable parameters, cosine decay, one checkpoint per epoch (adapter, optimizer,
-scheduler, progress) written atomically, `resume=True` to continue from the last complete one,
-and the best adapter by a validation metric saved with `save_pretrained`.
+AdamW on the trainable parameters, cosine decay to zero over the optimizer steps of the run, one
+checkpoint per epoch (adapter, optimizer, scheduler, progress) written atomically, `resume=True` to
+continue from the last complete one, and the best adapter by a validation metric saved with
+`save_pretrained` (also atomically), optionally loaded back into the model at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ BEST = "best_adapter"
 
 @dataclass
 class TrainingArguments:
-    """Optimisation and bookkeeping settings of `fit` (per-process batch size)."""
+    """Optimisation and bookkeeping settings of `fit` (per-process batch size).
+
+    The gradient accumulation in force is the Accelerator's (its `gradient_accumulation_steps`
+    argument, or a DeepSpeed config's); `gradient_accumulation_steps` here should match it, and
+    `fit` warns when it does not.
+    """
 
     output_dir: str
     epochs: int = 1
@@ -61,6 +67,19 @@ class FitResult:
     best_metric: float | None = None
     best_epoch: int | None = None
     steps: int = 0
+
+
+def _steps_per_epoch(
+    num_samples: int, batch_size: int, num_processes: int, accumulation: int
+) -> int:
+    """Optimizer steps in one epoch of the loader that `fit` builds.
+
+    Each process gets num_samples // (batch_size * num_processes) full batches (the remainder is
+    dropped; a set smaller than one global batch gives one short batch), and Accelerate steps the
+    optimizer every `accumulation` batches and on the last batch of the epoch.
+    """
+    batches = max(1, num_samples // (batch_size * num_processes))
+    return math.ceil(batches / accumulation)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -116,7 +135,9 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     folder: Path,
 ) -> dict[str, Any]:
-    adapter = load_file(folder / "adapter.safetensors", device=str(accelerator.device))
+    # Read on the CPU (`load_state_dict` copies onto the parameters' device): safetensors rejects
+    # indexed CPU devices such as the "cpu:0" of multi-process CPU runs.
+    adapter = load_file(folder / "adapter.safetensors")
     set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
@@ -141,11 +162,50 @@ def _no_context(module: nn.Module):
 
 
 @contextmanager
-def _full_parameters(module: nn.Module):
+def _full_parameters(module: nn.Module, writeback: bool = False):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+    with FullyShardedDataParallel.summon_full_params(module, writeback=writeback):
         yield
+
+
+@contextmanager
+def _writable_full_parameters(module: nn.Module):
+    with _full_parameters(module, writeback=True):
+        yield
+
+
+def _save_best(model: PeftModel, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    # `save_pretrained` writes into its folder file by file; a crash halfway would leave a mix of
+    # two adapters. The new one is written to a sibling folder and swapped in by renames, so the
+    # previous best stays whole until the new one is complete.
+    final = output_dir / BEST
+    partial = final.with_name(final.name + ".partial")
+    previous = final.with_name(final.name + ".previous")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, state_dict=state_dict)
+
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(partial, final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _restore_best(accelerator: Accelerator, model: PeftModel, wrapped: nn.Module, folder: Path):
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        logger.warning(f"restore_best: no {file}; the model keeps its last weights.")
+        return
+    adapter = load_file(file)  # on the CPU, as in `_load_checkpoint`
+    restore_context = (
+        _writable_full_parameters
+        if accelerator.distributed_type == DistributedType.FSDP
+        else _no_context
+    )
+    with restore_context(wrapped):
+        set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
+    logger.info(f"restored the best adapter from {folder}", main_process_only=True)
 
 
 def fit(
@@ -157,17 +217,34 @@ def fit(
     accelerator: Accelerator,
     evaluate: Callable[[PeftModel], dict[str, float]] | None = None,
     metric_key: str | None = None,
+    restore_best: bool = False,
 ) -> FitResult:
     """Train the trainable parameters of `model` on `train_dataset`.
 
     `loss_fn(model, batch)` returns the scalar loss of a batch. After each epoch, `evaluate(model)`
     (run on every process) returns metrics; the adapter with the highest `metric_key` is saved
-    to `<output_dir>/best_adapter` (without `evaluate`, the last one is). Each epoch starts from
-    `seed + epoch` for shuffling, dropout and sampling, so a resumed run ends with the same adapter
-    as an uninterrupted one.
+    to `<output_dir>/best_adapter` (without `evaluate`, the last one is). With `restore_best`, that
+    adapter is loaded back into `model` on every process before returning, so what follows
+    evaluates the best epoch rather than the last. Each epoch starts from `seed + epoch` for
+    shuffling, dropout and sampling, so a resumed run ends with the same adapter as an
+    uninterrupted one.
+
+    The learning rate warms up linearly for `warmup_steps` and then follows a cosine to zero over
+    the run's optimizer steps, counted with the Accelerator's gradient accumulation.
     """
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if args.gradient_accumulation_steps != accelerator.gradient_accumulation_steps:
+        logger.warning(
+            f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} "
+            f"but the Accelerator accumulates {accelerator.gradient_accumulation_steps} batches; "
+            "the Accelerator's value is used. Pass the same value to both."
+        )
+    if args.resume and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "resume is not supported yet under DeepSpeed: ZeRO shards the optimizer state across "
+            "processes and checkpoints hold the main process's share only. Use DDP to resume."
+        )
 
     if evaluate is not None and accelerator.distributed_type == DistributedType.FSDP:
         # Evaluation calls submodules directly, which sharded parameters do not support.
@@ -175,22 +252,35 @@ def fit(
     else:
         evaluation_context = _no_context
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(
-        len(train_dataset)
-        / (args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    base_optimizer = torch.optim.AdamW(
+        parameters, lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Accelerate takes DeepSpeed's micro-batch size from a DataLoader prepared with the model;
+        # the loaders here are prepared per epoch, later.
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin.is_auto("train_micro_batch_size_per_gpu"):
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    # The losses call the model's submodules directly; running them inside one module's forward
+    # lets DDP and FSDP see a forward pass (and synchronise the gradients of its backward).
+    wrapped, optimizer = accelerator.prepare(_LossModule(model, loss_fn), base_optimizer)
+
+    # Counted after `prepare`, which may replace the accumulation by a DeepSpeed config's.
+    steps_per_epoch = _steps_per_epoch(
+        len(train_dataset),
+        args.batch_size,
+        accelerator.num_processes,
+        accelerator.gradient_accumulation_steps,
     )
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
+    # Stepped here once per optimizer step; a scheduler prepared by Accelerate would advance once
+    # per process and step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
+        base_optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
     )
-    # The losses call the model's submodules directly; running them inside one module's forward
-    # lets DDP and FSDP see a forward pass (and synchronise the gradients of its backward).
-    # The scheduler is stepped here once per optimizer step; a scheduler prepared by Accelerate
-    # would advance once per process and step.
-    wrapped, optimizer = accelerator.prepare(_LossModule(model, loss_fn), optimizer)
     if args.resume and accelerator.distributed_type == DistributedType.FSDP:
         raise NotImplementedError(
             "resume is not supported yet under FSDP: the optimizer state is sharded across "
@@ -266,7 +356,7 @@ def fit(
             k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
         }
         if improved and accelerator.is_main_process:
-            model.save_pretrained(output_dir / BEST, state_dict=full_state)
+            _save_best(model, output_dir, full_state)
         if accelerator.is_main_process:
             adapter = get_peft_model_state_dict(
                 model, state_dict=full_state, adapter_name=model.active_adapter
@@ -275,4 +365,6 @@ def fit(
             _save_checkpoint(accelerator, adapter, optimizer, scheduler, output_dir, state)
         accelerator.wait_for_everyone()
 
+    if restore_best:
+        _restore_best(accelerator, model, wrapped, output_dir / BEST)
     return result
