@@ -1,12 +1,14 @@
 """Fine-tune BLIP for image/video-text retrieval with Aurora.
 
 With no arguments: an offline demo (synthetic shapes, a small random BLIP, a few minutes on a
-laptop CPU) that prints recall before and after training and saves the adapter:
+laptop CPU) that logs recall before and after training and saves the adapter:
 
     python examples/retrieval.py
     accelerate launch examples/retrieval.py
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/retrieval.py
 
-On a benchmark (paper settings in examples/configs/), one or several GPUs:
+(the last: two processes on a machine without GPUs). On a benchmark (paper settings in
+examples/configs/), one or several GPUs:
 
     accelerate launch examples/retrieval.py --config examples/configs/retrieval_coco.json \\
         --model Salesforce/blip-itm-base-coco --train-file coco_karpathy_train.json \\
@@ -16,6 +18,8 @@ On a benchmark (paper settings in examples/configs/), one or several GPUs:
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -77,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="Hub name or folder of a BlipForImageTextRetrieval.")
     parser.add_argument("--benchmark", choices=["coco", "flickr30k", "msrvtt", "didemo"])
     parser.add_argument("--train-file", help="Training annotations (JSON list or JSON lines).")
-    parser.add_argument("--test-file", help="Test (or validation) annotations.")
+    parser.add_argument("--test-file", help="Test annotations: recall before and after training.")
+    parser.add_argument(
+        "--val-file",
+        help="Validation annotations (the test file's format) that pick the best epoch. Without "
+        "it, the best epoch is picked on the test file.",
+    )
     parser.add_argument("--media-root", help="Folder the annotation paths are relative to.")
     parser.add_argument("--output-dir", default=None, help="Checkpoints, adapter and results.")
     parser.add_argument("--rank", type=int, help="Aurora rank R (default 128; demo 16).")
@@ -85,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-frames", type=int, help="Frames per training video (8).")
     parser.add_argument("--test-frames", type=int, help="Frames per test video (16).")
     parser.add_argument("--batch-size", type=int, help="Per process.")
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="Batches per optimizer step (under DeepSpeed, its config's value wins).",
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--k-test", type=int, help="Candidates re-ranked by the matching head.")
@@ -177,9 +192,25 @@ def write_cases(path: Path, test_set: RetrievalEvalDataset, top5: dict, args) ->
     write_retrieval_cases_html(path, cases, title=f"Aurora r={args.rank}: text-to-media retrieval")
 
 
+def log_recall_table(before: dict, after: dict, chance: float) -> None:
+    """The before/after recall table, one log line per row."""
+    logger.info(f"{'recall (%)':<12}{'before':>9}{'after':>9}   chance R@1 = {chance:.1f}")
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        logger.info(f"{key:<12}{before[key]:>9.1f}{after[key]:>9.1f}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        # Each process would otherwise train alone, all of them writing the same output folder.
+        raise RuntimeError(
+            f"launched as {launched} processes, but Accelerate formed a group of "
+            f"{accelerator.num_processes} (no GPU per process?). On a machine without GPUs, "
+            "set ACCELERATE_USE_CPU=true for `accelerate launch --multi_gpu`."
+        )
     output_dir = Path(
         args.output_dir or ("outputs/retrieval_demo" if args.demo else "runs/retrieval")
     )
@@ -208,10 +239,20 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"benchmark": args.benchmark, "skip_bad": args.skip_bad}
     train_set = RetrievalTrainDataset(args.train_file, args.media_root, train_loader, **common)
     test_set = RetrievalEvalDataset(args.test_file, args.media_root, test_loader, **common)
+    val_set = (
+        RetrievalEvalDataset(args.val_file, args.media_root, test_loader, **common)
+        if args.val_file
+        else test_set
+    )
 
     def collate(batch):
         samples = collate_retrieval_train(batch)
-        samples.update(tokenize_captions(tokenizer, samples.pop("text"), args.max_text_length))
+        # A fixed length on every process: the ITM loss gathers the token ids of all of them.
+        samples.update(
+            tokenize_captions(
+                tokenizer, samples.pop("text"), args.max_text_length, padding="max_length"
+            )
+        )
         return samples
 
     def loss_fn(model, batch):
@@ -225,10 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return losses.total
 
-    def evaluate(model):
+    def evaluate(model, dataset=test_set):
         metrics, _ = evaluate_retrieval(
             model,
-            test_set,
+            dataset,
             tokenizer,
             args.k_test,
             accelerator.device,
@@ -245,13 +286,24 @@ def main(argv: list[str] | None = None) -> dict:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
         seed=args.seed,
         resume=args.resume,
         max_steps=args.max_steps,
         num_workers=0 if args.demo else args.num_workers,
         mixed_precision=accelerator.mixed_precision,
     )
-    result = fit(model, train_set, collate, loss_fn, training, accelerator, evaluate, "r_mean")
+    result = fit(
+        model,
+        train_set,
+        collate,
+        loss_fn,
+        training,
+        accelerator,
+        lambda model: evaluate(model, val_set),
+        "r_mean",
+        restore_best=True,  # the results below are those of the saved best adapter
+    )
 
     model = accelerator.unwrap_model(model)
     after, top5 = evaluate_retrieval(
@@ -274,15 +326,14 @@ def main(argv: list[str] | None = None) -> dict:
         "before_training": before,
         "chance_r1": chance,
         "best_epoch": result.best_epoch,
+        "best_epoch_picked_on": "validation" if args.val_file else "test",
     }
+    log_recall_table(before, after, chance)
     if accelerator.is_main_process:
         write_retrieval_results(output_dir / "results.json", report, top5)
-        print(f"\n{'recall (%)':<12}{'before':>9}{'after':>9}   chance R@1 = {chance:.1f}")
-        for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
-            print(f"{key:<12}{before[key]:>9.1f}{after[key]:>9.1f}")
         if args.cases:
             write_cases(output_dir / "cases.html", test_set, top5["text_to_media"], args)
-        print(f"\nadapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
+    logger.info(f"adapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
     accelerator.end_training()
     return report
 

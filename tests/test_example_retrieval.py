@@ -1,6 +1,9 @@
 """The retrieval example end to end: the offline demo and the real loading path."""
 
 import json
+import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +24,9 @@ from peft_cp.blip.plot import read_result  # noqa: E402
 from peft_cp.blip.recipe import load_recipe_adapter  # noqa: E402
 
 
-def test_short_demo_writes_results_adapter_and_cases(tmp_path):
-    report = retrieval.main(["--epochs", "1", "--output-dir", str(tmp_path), "--cases", "3"])
+def test_short_demo_writes_results_adapter_and_cases(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        report = retrieval.main(["--epochs", "1", "--output-dir", str(tmp_path), "--cases", "3"])
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["task"] == "retrieval"
@@ -33,6 +37,13 @@ def test_short_demo_writes_results_adapter_and_cases(tmp_path):
     assert len(results["topk"]["text_to_media"]["indices"]) == 24 * 3
     assert (tmp_path / "cases.html").read_text().count('class="case"') == 3
     assert report["trainable_params"] > 0
+    assert results["best_epoch_picked_on"] == "test"  # no --val-file
+
+    # The trainable count and the before/after table reach the log.
+    assert f"trainable: {report['trainable_params']:,} of" in caplog.text
+    after = report["metrics"]["r_mean"]
+    before = report["before_training"]["r_mean"]
+    assert f"r_mean      {before:>9.1f}{after:>9.1f}" in caplog.text
 
     # The saved adapter loads onto the saved base model (with the same added modules).
     base = BlipForImageTextRetrieval.from_pretrained(tmp_path / "base_model")
@@ -40,6 +51,40 @@ def test_short_demo_writes_results_adapter_and_cases(tmp_path):
         PeftModel.from_pretrained(base, tmp_path / "best_adapter")
     model = load_recipe_adapter(base, tmp_path / "best_adapter")
     assert model.base_model.factor_store().rank == 16
+
+
+@pytest.mark.slow
+def test_two_process_demo_with_validation_file_and_accumulation(tmp_path):
+    validation = write_shapes_dataset(tmp_path / "val", train_per_combination=1, seed=1)["test"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        str(ROOT / "examples" / "retrieval.py"),
+        "--epochs", "1",
+        "--max-steps", "3",
+        "--output-dir", str(tmp_path / "run"),
+        "--cases", "0",
+        # With seed 0, the first batches of 4 have longest captions of different lengths on the
+        # two processes: the token ids gathered for the ITM loss must still line up.
+        "--batch-size", "4",
+        "--gradient-accumulation-steps", "2",
+        "--val-file", str(validation),
+    ]  # fmt: skip
+    # Without GPUs, --multi_gpu starts two torchrun processes; ACCELERATE_USE_CPU makes their
+    # Accelerator join one gloo process group (otherwise each trains alone).
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+
+    run = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["best_epoch"] == 0 and results["best_epoch_picked_on"] == "validation"
+    assert (tmp_path / "run" / "best_adapter" / "adapter_model.safetensors").is_file()
+    assert run.stderr.count("trainable: ") == 1  # one process group: only its main process logs
 
 
 @pytest.mark.slow
@@ -92,3 +137,25 @@ def test_config_file_sets_defaults_and_the_command_line_wins():
     assert args.k_test == 128 and args.train_frames == 8 and args.test_frames == 16
     assert args.batch_size == 2  # the command line overrides the file
     assert args.rank == 128  # not in the file: the built-in default
+    assert args.val_file is None and args.gradient_accumulation_steps == 1
+
+
+def test_validation_file_and_accumulation_options():
+    required = ["--model", "m", "--benchmark", "coco", "--train-file", "t.json"]
+    required += ["--test-file", "test.json", "--media-root", "images"]
+
+    args = retrieval.parse_args(
+        [*required, "--val-file", "val.json", "--gradient-accumulation-steps", "4"]
+    )
+
+    assert args.val_file == "val.json" and args.test_file == "test.json"
+    assert args.gradient_accumulation_steps == 4
+
+
+def test_processes_that_form_no_group_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+
+    with pytest.raises(
+        RuntimeError, match="launched as 2 processes, but Accelerate formed a group"
+    ):
+        retrieval.main(["--output-dir", str(tmp_path)])
