@@ -29,7 +29,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 import torch
 from torch.utils.data import Dataset
 
-from peft_cp.blip.video import MediaError, MediaLoader
+from peft_cp.blip.video import VIDEO_SUFFIXES, MediaError, MediaLoader
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ QABenchmark = Literal["vqav2", "msrvtt_qa"]
 QASource = Literal["vqa", "vg", "msrvtt_qa"]
 
 _VIDEO_BENCHMARKS = ("msrvtt", "didemo", "msrvtt_qa")
-_VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 _PUNCTUATION = re.compile(r'[.!"()*#:;~]')
 _MSRVTT_VIDEO_ID = re.compile(r"(?:video)?(\d+)")
 
@@ -174,7 +173,7 @@ def read_video_text_annotations(
         else:
             captions = (_text_field(record, "caption", where),)
 
-        media = clip if clip.lower().endswith(_VIDEO_SUFFIXES) else clip + video_suffix
+        media = clip if clip.lower().endswith(VIDEO_SUFFIXES) else clip + video_suffix
         return CaptionItem(media, captions, clip)
 
     items = _parse_entries(Path(path), "either", parse, errors)

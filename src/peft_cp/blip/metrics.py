@@ -16,14 +16,14 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from .files import write_text_atomic
 
 __all__ = [
     "exact_match_accuracy",
@@ -502,29 +502,10 @@ def write_retrieval_results(
 
 
 def _write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"path={str(path)!r}: folder {str(target.parent)!r} does not exist; create it first."
-        )
-
-    # Serialise before touching the disk, so the common failure (an unserialisable value) never
+    # Serialised before touching the disk, so the common failure (an unserialisable value) never
     # creates a file at all.
     text = json.dumps(payload, indent=2, default=_tensor_to_list) + "\n"
-
-    # os.open with mode 0o666 respects the umask, unlike tempfile's private 0o600 files, so the
-    # result gets the permissions of any normally written file.
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _tensor_to_list(value: Any) -> Any:

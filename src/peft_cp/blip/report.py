@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Literal
 import av
 from PIL import Image, ImageDraw
 
+from .files import write_text_atomic
 from .metrics import exact_match_accuracy, normalize_vqa_answer, vqa_accuracy
-from .video import MediaError, _decode_sampled_frames, load_image
+from .video import VIDEO_SUFFIXES, MediaError, decode_sampled_frames, load_image
 
 __all__ = [
     "MediaCandidate",
@@ -33,7 +33,6 @@ __all__ = [
     "write_retrieval_cases_html",
 ]
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm"})
 Missing = Literal["error", "placeholder"]
 
 
@@ -142,7 +141,7 @@ def write_retrieval_cases_html(
             f'<div class="candidates">{"".join(items)}</div></section>'
         )
 
-    _write_text_atomic(path, _page(title, sections))
+    write_text_atomic(path, _page(title, sections))
 
 
 def write_qa_cases_html(
@@ -200,7 +199,7 @@ def write_qa_cases_html(
             f'<ul class="references">{references}</ul></section>'
         )
 
-    _write_text_atomic(path, _page(title, sections))
+    write_text_atomic(path, _page(title, sections))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ class _MediaRenderer:
 
     def _video_frames(self, path: Path) -> list[Image.Image]:
         try:
-            return _decode_sampled_frames(path, self.video_frames, "uniform", None)
+            return decode_sampled_frames(path, self.video_frames, "uniform", None)
         except MediaError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -300,22 +299,3 @@ def _placeholder(name: str, size: int) -> Image.Image:
     image = Image.new("RGB", (size, size * 3 // 4), (200, 200, 200))
     ImageDraw.Draw(image).text((4, 4), f"missing:\n{name}", fill=(60, 60, 60))
     return image
-
-
-def _write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"path={str(path)!r}: folder {str(target.parent)!r} does not exist; create it first."
-        )
-
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -26,6 +26,8 @@ BLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 BLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 FrameSampling = Literal["random", "uniform"]
+# File suffixes read as videos (everything else is read as an image).
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 
 
 class MediaError(OSError):
@@ -222,7 +224,7 @@ def load_video_frames(
         raise MediaError(f"{path}: video file does not exist.")
 
     try:
-        frames = _decode_sampled_frames(path, num_samples, mode, generator)
+        frames = decode_sampled_frames(path, num_samples, mode, generator)
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -261,9 +263,15 @@ class VideoLoader:
 MediaLoader = ImageLoader | VideoLoader
 
 
-def _decode_sampled_frames(
+def decode_sampled_frames(
     path: Path, num_samples: int, mode: FrameSampling, generator: torch.Generator | None
 ) -> list[Image.Image]:
+    """`num_samples` frames of the video at `path`, chosen by `mode` ("uniform": evenly spaced;
+    "random": one at random per equal segment, drawn from `generator`).
+
+    Raises:
+        MediaError: naming the file when it has no (decodable) frames.
+    """
     frame_count = _count_frames(path)
     if frame_count == 0:
         raise MediaError(f"{path}: video stream has no frames.")
