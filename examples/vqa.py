@@ -1,8 +1,9 @@
 """Fine-tune BLIP for question answering (VQAv2, MSRVTT-QA) with Aurora.
 
 With no arguments: an offline demo on synthetic data (coloured shapes; sliding-shape videos) with a
-small random BLIP. It prints accuracy before and after training next to the majority-answer
-baseline, and writes results, the VQAv2 submission file and the adapter; a few minutes on CPU:
+small random BLIP. It logs accuracy before and after training next to the majority-answer
+baseline, and writes results, the VQAv2 submission file, a page of answered questions
+(cases.html) and the adapter; a few minutes on CPU:
 
     python examples/vqa.py
 
@@ -19,6 +20,10 @@ On a benchmark (paper settings: VQAv2 480 px, batch 16 per GPU, 10 epochs; MSRVT
 VQAv2 answers are chosen by ranking `--answer-list`; accuracy is reported when `--test-answers`
 (JSON object {question_id: [human answers]}, e.g. for the val split) is given, otherwise only the
 submission file is written. MSRVTT-QA answers are generated greedily and scored by exact match.
+
+The adapter kept (`adapter/`, and the one `results.json` reports) is the epoch with the best
+accuracy on `--val-file` (with `--val-answers` for VQAv2) when one is given, else the last epoch;
+the test split never chooses it.
 """
 
 from __future__ import annotations
@@ -27,24 +32,20 @@ import argparse
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
 from peft import get_peft_model
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import AutoProcessor, BlipForQuestionAnswering
 
 import peft_cp
 from peft_cp.blip.configs import read_settings, small_blip_config
 from peft_cp.blip.data import (
+    VG_ANSWER_WEIGHT,
     VQATestDataset,
     VQATrainDataset,
-    collate_vqa_test,
     collate_vqa_train,
     read_answer_list,
 )
@@ -55,11 +56,21 @@ from peft_cp.blip.demo_vqa import (
     write_demo_video_qa,
     write_demo_vqa,
 )
+from peft_cp.blip.files import write_text_atomic
 from peft_cp.blip.gated_query import add_gated_query
-from peft_cp.blip.metrics import exact_match_accuracy, vqa_accuracy_dataset, write_vqa_submission
+from peft_cp.blip.metrics import write_vqa_submission
+from peft_cp.blip.report import write_qa_cases_html
 from peft_cp.blip.training import TrainingArguments, fit
 from peft_cp.blip.video import ImageLoader, ImageTransform, VideoLoader
-from peft_cp.blip.vqa import answer_loss, generate_answers, rank_answers
+from peft_cp.blip.vqa import (
+    answer_accuracy,
+    answer_loss,
+    answer_questions,
+    majority_answer,
+    reference_answers,
+    sample_qa_cases,
+    tokenize,
+)
 
 logger = get_logger(__name__)
 
@@ -96,9 +107,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-file", help="Test annotations (VQAv2 test format or MSRVTT-QA).")
     parser.add_argument("--answer-list", help="VQAv2: JSON list of candidate answers.")
     parser.add_argument("--test-answers", help="VQAv2: JSON {question_id: [human answers]}.")
+    parser.add_argument(
+        "--val-file",
+        help="Validation questions, in the --test-file format, whose accuracy after each epoch "
+        "picks the adapter kept. Without it the last epoch's adapter is kept.",
+    )
+    parser.add_argument("--val-answers", help="VQAv2: the --val-file questions' human answers.")
     parser.add_argument("--media-root", help="Folder the annotation paths are relative to.")
     parser.add_argument(
         "--vg-root", help="VQAv2: folder of the Visual Genome images (default: --media-root)."
+    )
+    parser.add_argument(
+        "--vg-answer-weight",
+        type=float,
+        default=VG_ANSWER_WEIGHT,
+        help="VQAv2: loss weight of a Visual Genome answer (BLIP: %(default)s).",
     )
     parser.add_argument("--output-dir", help="Checkpoints, adapter, results and submission.")
     parser.add_argument("--rank", type=int, help="Aurora rank R (benchmarks: 128).")
@@ -114,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k-test", type=int, default=128, help="VQAv2: candidates re-scored.")
     parser.add_argument("--max-question-length", type=int, default=35)
     parser.add_argument("--max-answer-length", type=int, default=10)
+    parser.add_argument(
+        "--cases",
+        type=int,
+        default=12,
+        help="Test questions shown in <output-dir>/cases.html with their media, predicted and "
+        "reference answers (0: no page; needs reference answers).",
+    )
     parser.add_argument(
         "--train-modules",
         nargs="*",
@@ -131,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
         # The file's settings replace the built-in defaults; the command line still wins.
-        options = {action.dest for action in parser._actions} - {"help", "config"}
+        options = set(vars(parser.parse_args([]))) - {"config"}
         parser.set_defaults(**read_settings(args.config, options))
         args = parser.parse_args(argv)
 
@@ -142,12 +172,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.train_modules is None:
         args.train_modules = DEMO_MODULES if args.demo else []
+    if args.cases < 0:
+        parser.error(f"--cases must be >= 0 (0 writes no page), got {args.cases}")
     if args.quick and not args.demo:
         parser.error("--quick only applies to the demo (no --model / --train-file)")
     if not args.demo:
         needed = ["model", "dataset", "train_file", "test_file", "media_root"]
         if args.dataset == "vqav2":
             needed.append("answer_list")
+            if args.val_file:
+                needed.append("val_answers")
         missing = [f"--{k.replace('_', '-')}" for k in needed if getattr(args, k) is None]
         if missing:
             parser.error(
@@ -157,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data and model
 
 
 def media_loaders(args: argparse.Namespace):
@@ -170,94 +204,6 @@ def media_loaders(args: argparse.Namespace):
         ImageLoader(ImageTransform(args.image_size, train=not args.demo)),
         ImageLoader(ImageTransform(args.image_size)),
     )
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = tokenizer(
-        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return encoded.input_ids, encoded.attention_mask
-
-
-def majority_answer(train_set: VQATrainDataset) -> str:
-    """The answer with the largest total weight over the training questions."""
-    votes: Counter[str] = Counter()
-    for item in train_set.items:
-        for answer, weight in zip(item.answers, item.weights, strict=True):
-            votes[answer] += weight
-    return votes.most_common(1)[0][0]
-
-
-def references(args: argparse.Namespace, test_set: VQATestDataset) -> dict | None:
-    """Ground truth per question id: human answer lists (VQAv2) or one answer (MSRVTT-QA)."""
-    if args.dataset == "msrvtt_qa":
-        return {item.question_id: item.answers[0] for item in test_set.items}
-    if not args.test_answers:
-        return None
-    answers = json.loads(Path(args.test_answers).read_text())
-    return {int(qid): answers[str(qid)] for qid in (item.question_id for item in test_set.items)}
-
-
-def score(args: argparse.Namespace, predictions: dict, truth: dict | None) -> dict[str, float]:
-    if truth is None:
-        return {}
-    if args.dataset == "msrvtt_qa":
-        return {"accuracy": exact_match_accuracy(predictions, truth)}
-    return {"accuracy": vqa_accuracy_dataset(predictions, truth)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def predict(model, test_set, tokenizer, args, accelerator, candidates=None) -> dict[int, str]:
-    """Answer every test question: rank `candidates` (VQAv2) or generate (MSRVTT-QA).
-
-    Each process answers every world_size-th question; the answers are gathered on all.
-    """
-    shard = Subset(
-        test_set, range(accelerator.process_index, len(test_set), accelerator.num_processes)
-    )
-    loader = DataLoader(
-        shard,
-        batch_size=args.test_batch_size,
-        collate_fn=collate_vqa_test,
-        num_workers=0 if args.demo else args.num_workers,
-    )
-    if candidates is not None:
-        answer_ids, answer_mask = tokenize(tokenizer, candidates, args.max_answer_length)
-        answer_ids, answer_mask = (
-            answer_ids.to(accelerator.device),
-            answer_mask.to(accelerator.device),
-        )
-
-    model.eval()
-    answers: list[tuple[int, str]] = []
-    for batch in tqdm(loader, desc="answering", disable=not accelerator.is_local_main_process):
-        pixels = batch["pixel_values"].to(accelerator.device)
-        question_ids, question_mask = tokenize(
-            tokenizer, batch["question"], args.max_question_length
-        )
-        question_ids, question_mask = (
-            question_ids.to(pixels.device),
-            question_mask.to(pixels.device),
-        )
-        with accelerator.autocast():
-            if candidates is None:
-                texts = generate_answers(
-                    model, pixels, question_ids, question_mask, tokenizer, args.max_answer_length
-                )
-            else:
-                best = rank_answers(
-                    model, pixels, question_ids, question_mask, answer_ids, answer_mask, args.k_test
-                )
-                texts = [candidates[i] for i in best.tolist()]
-        answers += zip(batch["question_id"].tolist(), texts, strict=True)
-    return dict(gather_object(answers))
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
 
 
 def build_model(args: argparse.Namespace, tokenizer_vocab_size: int | None):
@@ -274,6 +220,10 @@ def build_model(args: argparse.Namespace, tokenizer_vocab_size: int | None):
         )
         return BlipForQuestionAnswering(config)
     return BlipForQuestionAnswering.from_pretrained(args.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -297,18 +247,26 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     store = sum(p.numel() for p in model.base_model.factor_store().parameters())
     logger.info(
         f"trainable: {trainable:,} of {total:,} ({store:,} in the Aurora factor store; "
-        f"fully trained: {modules_to_save})",
-        main_process_only=True,
+        f"fully trained: {modules_to_save})"
     )
 
     train_loader, test_loader = media_loaders(args)
     common = {"benchmark": args.dataset, "skip_bad": args.skip_bad}
     train_set = VQATrainDataset(
-        args.train_file, args.media_root, train_loader, vg_root=args.vg_root, **common
+        args.train_file,
+        args.media_root,
+        train_loader,
+        vg_root=args.vg_root,
+        vg_answer_weight=args.vg_answer_weight,
+        **common,
     )
     test_set = VQATestDataset(args.test_file, args.media_root, test_loader, **common)
+    truth = reference_answers(test_set, args.test_answers)
+    val_set = val_truth = None
+    if args.val_file:
+        val_set = VQATestDataset(args.val_file, args.media_root, test_loader, **common)
+        val_truth = reference_answers(val_set, args.val_answers)
     candidates = read_answer_list(args.answer_list) if args.dataset == "vqav2" else None
-    truth = references(args, test_set)
 
     def collate(batch):
         samples = collate_vqa_train(batch)
@@ -333,13 +291,28 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             label_smoothing=args.label_smoothing,
         )
 
-    def evaluate(model):
-        return score(
-            args, predict(model, test_set, tokenizer, args, accelerator, candidates), truth
+    def answer(model, dataset):
+        return answer_questions(
+            model,
+            dataset,
+            tokenizer,
+            accelerator,
+            candidates,
+            batch_size=args.test_batch_size,
+            max_question_length=args.max_question_length,
+            max_answer_length=args.max_answer_length,
+            k=args.k_test,
+            num_workers=0 if args.demo else args.num_workers,
         )
 
+    def validate(model):
+        return {"accuracy": answer_accuracy(answer(model, val_set), val_truth, args.dataset)}
+
     model.to(accelerator.device)
-    before = evaluate(model)
+    before = {}
+    if truth is not None:  # answering VQAv2 test-dev without answers would only cost time
+        before = {"accuracy": answer_accuracy(answer(model, test_set), truth, args.dataset)}
+
     training = TrainingArguments(
         output_dir=str(output_dir),
         epochs=args.epochs,
@@ -352,7 +325,6 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         num_workers=0 if args.demo else args.num_workers,
         mixed_precision=accelerator.mixed_precision,
     )
-    metric_key = "accuracy" if truth is not None else None
     result = fit(
         model,
         train_set,
@@ -360,15 +332,22 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         loss_fn,
         training,
         accelerator,
-        evaluate if metric_key else None,
-        metric_key,
+        validate if val_set is not None else None,
+        "accuracy" if val_set is not None else None,
+        # The chosen epoch's adapter (best on validation, else the last) is loaded back, so the
+        # test metrics, the submission and `adapter/` all come from the one reported.
+        restore_best=True,
     )
 
     model = accelerator.unwrap_model(model)
-    predictions = predict(model, test_set, tokenizer, args, accelerator, candidates)
-    after = score(args, predictions, truth)
-    majority = majority_answer(train_set)
-    baseline = score(args, dict.fromkeys(predictions, majority), truth)
+    predictions = answer(model, test_set)
+    after, baseline = {}, {}
+    majority = majority_answer(train_set.items)
+    if truth is not None:
+        after = {"accuracy": answer_accuracy(predictions, truth, args.dataset)}
+        baseline = {
+            "accuracy": answer_accuracy(dict.fromkeys(predictions, majority), truth, args.dataset)
+        }
     report = {
         "task": "vqa",
         "dataset": f"{args.dataset} (demo)" if args.demo else args.dataset,
@@ -379,35 +358,53 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         "before_training": before,
         "majority_baseline": {"answer": majority, **baseline},
         "best_epoch": result.best_epoch,
+        "epoch_chosen_by": "validation accuracy" if val_set is not None else "last epoch",
         "steps": result.steps,
     }
+
     if accelerator.is_main_process:
         model.save_pretrained(output_dir / "adapter")
         if args.dataset == "vqav2":
             write_vqa_submission(output_dir / "vqa_submission.json", predictions)
-        (output_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(output_dir / "results.json", json.dumps(report, indent=2) + "\n")
+        write_cases(args, output_dir, test_set, predictions, truth)
     return report
 
 
-def print_report(report: dict, output_dir: Path, seconds: float) -> None:
+def write_cases(args, output_dir: Path, test_set, predictions: dict, truth: dict | None) -> None:
+    if args.cases == 0:
+        return
+    if truth is None:
+        logger.info("cases.html not written: the test questions have no reference answers")
+        return
+    cases = sample_qa_cases(test_set, predictions, truth, args.cases)
+    title = f"{args.dataset}{' (demo)' if args.demo else ''}: {len(cases)} test questions"
+    write_qa_cases_html(output_dir / "cases.html", cases, title)
+
+
+def log_report(report: dict, output_dir: Path, seconds: float) -> None:
     before = report["before_training"].get("accuracy")
     after = report["metrics"].get("accuracy")
     baseline = report["majority_baseline"]
-    print(f"\n{report['dataset']}: {report['method']}, {report['trainable_params']:,} trainable")
+    lines = [f"{report['dataset']}: {report['method']}, {report['trainable_params']:,} trainable"]
     if after is None:
-        print("no ground truth given (--test-answers): accuracy not computed")
+        lines.append("no ground truth given (--test-answers): accuracy not computed")
     else:
-        print(f"{'accuracy (%)':<14}{'before':>8}{'after':>8}{'majority':>10}")
-        print(f"{'':<14}{before:>8.1f}{after:>8.1f}{baseline['accuracy']:>10.1f}")
-        print(f"(majority baseline answers {baseline['answer']!r} to every question)")
-    print(f"outputs in {output_dir} ({seconds:.0f} s)")
+        lines += [
+            f"{'accuracy (%)':<14}{'before':>8}{'after':>8}{'majority':>10}",
+            f"{'':<14}{before:>8.1f}{after:>8.1f}{baseline['accuracy']:>10.1f}",
+            f"(majority baseline answers {baseline['answer']!r} to every question)",
+        ]
+    lines.append(
+        f"adapter of epoch {report['best_epoch']} ({report['epoch_chosen_by']}); outputs in "
+        f"{output_dir} ({seconds:.0f} s)"
+    )
+    logger.info("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
-    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     if args.demo and accelerator.device.type == "cpu":
         # The demo model is too small to gain from intra-op threads; on a shared machine extra
@@ -419,8 +416,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.output_dir = str(root)
         start = time.perf_counter()
         report = run(args, accelerator)
-        if accelerator.is_main_process:
-            print_report(report, root, time.perf_counter() - start)
+        log_report(report, root, time.perf_counter() - start)
         accelerator.end_training()
         return [report]
 
@@ -446,8 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.test_answers = files.test_answers_file
         start = time.perf_counter()
         reports.append(run(args, accelerator))
-        if accelerator.is_main_process:
-            print_report(reports[-1], Path(args.output_dir), time.perf_counter() - start)
+        log_report(reports[-1], Path(args.output_dir), time.perf_counter() - start)
     accelerator.end_training()
     return reports
 

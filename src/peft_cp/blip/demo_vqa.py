@@ -63,7 +63,6 @@ class DemoFiles:
         train_file, test_file: Annotations in the benchmark's format (VQAv2 JSON lists or
             MSRVTT-QA JSON-lines).
         media_root: Folder the annotation paths are relative to.
-        tokenizer_dir: A `PreTrainedTokenizerFast` saved with `save_pretrained`.
         answer_list_file: JSON list of candidate answers (VQAv2 only).
         test_answers_file: JSON object {question_id: [human answers]} for the test questions
             (VQAv2 only; MSRVTT-QA keeps its answer in the test file).
@@ -73,7 +72,6 @@ class DemoFiles:
     train_file: Path
     test_file: Path
     media_root: Path
-    tokenizer_dir: Path
     answer_list_file: Path | None = None
     test_answers_file: Path | None = None
 
@@ -110,7 +108,6 @@ def demo_vqa_files(root: str | Path) -> DemoFiles:
         train_file=root / "vqa_train.json",
         test_file=root / "vqa_test.json",
         media_root=root / "images",
-        tokenizer_dir=root / "tokenizer",
         answer_list_file=root / "answer_list.json",
         test_answers_file=root / "vqa_test_answers.json",
     )
@@ -124,7 +121,6 @@ def demo_video_qa_files(root: str | Path) -> DemoFiles:
         train_file=root / "msrvtt_qa_train.jsonl",
         test_file=root / "msrvtt_qa_test.jsonl",
         media_root=root / "videos",
-        tokenizer_dir=root / "tokenizer",
     )
 
 
@@ -239,7 +235,6 @@ def write_demo_vqa(
     _write_json(files.test_file, test)
     _write_json(files.answer_list_file, [*COLORS, *SHAPES, *COUNTS])
     _write_json(files.test_answers_file, test_answers)
-    build_demo_tokenizer().save_pretrained(files.tokenizer_dir)
     return files
 
 
@@ -292,7 +287,6 @@ def write_demo_video_qa(
     files = demo_video_qa_files(root)
     for path, records in ((files.train_file, splits["train"]), (files.test_file, splits["test"])):
         path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    build_demo_tokenizer().save_pretrained(files.tokenizer_dir)
     return files
 
 

@@ -15,6 +15,10 @@ NeurIPS 2023):
 A video (B, T, 3, H, W) is encoded frame by frame and the frames' patch tokens are concatenated,
 so the text encoder cross-attends to T x L tokens.
 
+Over a whole test set, `answer_questions` answers every question (split over the processes),
+`reference_answers` and `answer_accuracy` score the answers, `majority_answer` gives the baseline
+and `sample_qa_cases` picks questions for a case page (`peft_cp.blip.report`).
+
 Every function takes a `transformers.BlipForQuestionAnswering`, bare or wrapped (`PeftModel`,
 `DistributedDataParallel`), and uses the decoder's start token (`bos_token_id` of the text config,
 ``[DEC]`` on BLIP-base) in place of the first token of every answer: pass answers tokenised as
@@ -23,14 +27,30 @@ Every function takes a `transformers.BlipForQuestionAnswering`, bare or wrapped 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 from transformers import BlipForQuestionAnswering, PreTrainedTokenizerBase
 
+from peft_cp.blip.data import QAItem, VQATestDataset, collate_vqa_test
+from peft_cp.blip.metrics import exact_match_accuracy, vqa_accuracy_dataset
+from peft_cp.blip.report import QACase
+
 logger = logging.getLogger(__name__)
+
+# Question ids a missing-reference error lists before summarising the rest.
+_REPORTED_IDS = 5
 
 # Wrappers (PeftModel, LoraModel-like tuners, DistributedDataParallel) are peeled at most this deep.
 _MAX_WRAPPERS = 6
@@ -288,3 +308,178 @@ def generate_answers(
     )
     answers = tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a whole test set
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask (B, L) of `texts`: padded to the longest, cut at `max_length`.
+
+    A BERT tokenizer writes ``[CLS] text [SEP]``, the form every function above expects.
+    """
+    encoded = tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return encoded.input_ids, encoded.attention_mask
+
+
+@torch.no_grad()
+def answer_questions(
+    model: nn.Module,
+    dataset: VQATestDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator,
+    candidates: Sequence[str] | None = None,
+    *,
+    batch_size: int = 32,
+    max_question_length: int = 35,
+    max_answer_length: int = 10,
+    k: int = 128,
+    num_workers: int = 0,
+) -> dict[int, str]:
+    """Answer every question of `dataset`: {question_id: answer}, the same on every process.
+
+    With `candidates` (VQAv2) each answer is the best of that list by `rank_answers` (top `k`
+    first tokens re-scored); without, it is generated greedily (`generate_answers`, MSRVTT-QA).
+    Process p answers questions p, p + world_size, ...; the answers are then gathered.
+    """
+    device = accelerator.device
+    shard = Subset(
+        dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    )
+    loader = DataLoader(
+        shard, batch_size=batch_size, collate_fn=collate_vqa_test, num_workers=num_workers
+    )
+    if candidates is not None:
+        answer_ids, answer_mask = tokenize(tokenizer, candidates, max_answer_length)
+        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+
+    model.eval()
+    answers: list[tuple[int, str]] = []
+    for batch in tqdm(loader, desc="answering", disable=not accelerator.is_local_main_process):
+        pixels = batch["pixel_values"].to(device)
+        question_ids, question_mask = tokenize(tokenizer, batch["question"], max_question_length)
+        question_ids, question_mask = question_ids.to(device), question_mask.to(device)
+
+        with accelerator.autocast():
+            if candidates is None:
+                texts = generate_answers(
+                    model, pixels, question_ids, question_mask, tokenizer, max_answer_length
+                )
+            else:
+                best = rank_answers(
+                    model, pixels, question_ids, question_mask, answer_ids, answer_mask, k
+                )
+                texts = [candidates[i] for i in best.tolist()]
+        answers += zip(batch["question_id"].tolist(), texts, strict=True)
+
+    return dict(gather_object(answers))
+
+
+def majority_answer(items: Iterable[QAItem]) -> str:
+    """The answer with the largest total weight over `items`: the answer-everything baseline.
+
+    Ties go to the answer met first.
+    """
+    votes: Counter[str] = Counter()
+    for item in items:
+        for answer, weight in zip(item.answers, item.weights, strict=True):
+            votes[answer] += weight
+    if not votes:
+        raise ValueError("majority_answer: `items` hold no answers; pass training questions.")
+    return votes.most_common(1)[0][0]
+
+
+def read_reference_answers(path: str | Path, question_ids: Iterable[int]) -> dict[int, list[str]]:
+    """The human answers of `question_ids` from a JSON object {"question_id": [answers, ...]}.
+
+    Raises:
+        ValueError: if the file is not such an object, or lacks some of `question_ids` (the
+            error names the file and the first missing ids).
+    """
+    path = Path(path)
+    answers = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(answers, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object {{question_id: [human answers]}}, got a "
+            f"{type(answers).__name__}."
+        )
+
+    question_ids = list(question_ids)
+    missing = [qid for qid in question_ids if str(qid) not in answers]
+    if missing:
+        shown = ", ".join(map(str, missing[:_REPORTED_IDS]))
+        more = f" and {len(missing) - _REPORTED_IDS} more" if len(missing) > _REPORTED_IDS else ""
+        raise ValueError(
+            f"{path}: no reference answers for {len(missing)} of {len(question_ids)} questions, "
+            f"question_id {shown}{more}. Pass the answers file of the same split as the questions."
+        )
+    references = {}
+    for qid in question_ids:
+        entry = answers[str(qid)]
+        if not isinstance(entry, list) or not all(isinstance(a, str) for a in entry) or not entry:
+            raise ValueError(
+                f"{path}: question_id {qid} must map to a non-empty list of answer strings, got "
+                f"{entry!r}."
+            )
+        references[qid] = entry
+    return references
+
+
+def reference_answers(
+    dataset: VQATestDataset, answers_file: str | Path | None = None
+) -> dict[int, list[str]] | None:
+    """Ground truth of each question of `dataset`: {question_id: [answers]}, or None if unknown.
+
+    MSRVTT-QA test files carry their answer (one per question); VQAv2 ones do not, and their
+    human answers come from `answers_file` (`read_reference_answers`) when it is given.
+    """
+    if dataset.items and all(item.answers for item in dataset.items):
+        return {item.question_id: list(item.answers) for item in dataset.items}
+    if answers_file is None:
+        return None
+    return read_reference_answers(answers_file, (item.question_id for item in dataset.items))
+
+
+def answer_accuracy(
+    predictions: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    benchmark: Literal["vqav2", "msrvtt_qa"],
+) -> float:
+    """Accuracy in percent: VQAv2 accuracy over the human answers, or MSRVTT-QA exact match."""
+    if benchmark == "vqav2":
+        return vqa_accuracy_dataset(predictions, references)
+    if benchmark == "msrvtt_qa":
+        return exact_match_accuracy(predictions, {qid: refs[0] for qid, refs in references.items()})
+    raise ValueError(f"benchmark must be 'vqav2' or 'msrvtt_qa', got {benchmark!r}.")
+
+
+def sample_qa_cases(
+    dataset: VQATestDataset,
+    predictions: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    count: int,
+) -> list[QACase]:
+    """`count` questions spread evenly over `dataset` as `QACase`s for `write_qa_cases_html`."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}.")
+    count = min(count, len(dataset))
+    if count == 0:
+        return []
+
+    # Evenly spaced indices, first and last included, so that every part of the set is shown.
+    step = (len(dataset) - 1) / max(count - 1, 1)
+    items = [dataset.items[round(i * step)] for i in range(count)]
+    return [
+        QACase(
+            media=dataset.media_root / item.media,
+            question=item.question,
+            prediction=predictions[item.question_id],
+            references=list(references[item.question_id]),
+        )
+        for item in items
+    ]
