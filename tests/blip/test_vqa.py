@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -391,3 +393,19 @@ def test_encoder_and_decoder_move_together_under_one_set_of_factors(tiny_vqa, qu
     after_decoder = decoder.get_delta_weight("default")
     assert not torch.allclose(after_encoder, before)
     torch.testing.assert_close(after_decoder, after_encoder, rtol=0, atol=0)
+
+
+def test_demo_videos_are_the_same_bytes_in_another_process(tmp_path):
+    # Lossy H.264 rate control differed between processes on a few clips in 20; 60 catch it.
+    here = write_demo_video_qa(tmp_path / "here", num_train_videos=56, num_test_videos=4)
+    script = (
+        "import sys; from peft_cp.blip.demo_vqa import write_demo_video_qa; "
+        "write_demo_video_qa(sys.argv[1], num_train_videos=56, num_test_videos=4)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True)
+
+    there = tmp_path / "there" / "videos"
+    names = sorted(path.name for path in here.media_root.iterdir())
+    assert names == sorted(path.name for path in there.iterdir()) and len(names) == 60
+    changed = [n for n in names if (here.media_root / n).read_bytes() != (there / n).read_bytes()]
+    assert changed == []

@@ -302,8 +302,10 @@ def _write_clip(
         stream = container.add_stream("libx264", rate=8)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        # Near-lossless and single-threaded, so that the same arguments write the same bytes.
-        stream.options = {"crf": "8", "threads": "1"}
+        # Lossless and single-threaded: the same arguments then write the same bytes. The lossy
+        # rate control (crf) is not repeatable from one process to the next, which made the demo's
+        # video accuracy vary between runs.
+        stream.options = {"qp": "0", "threads": "1"}
         for step in range(num_frames):
             left = start + (end - start) * step / max(num_frames - 1, 1)
             image = Image.new("RGB", (size, size), background)
