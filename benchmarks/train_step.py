@@ -394,6 +394,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Randomly initialised BLIP produces subnormal floats (softmax and GELU tails, gradients
+    # through twelve layers); x86 CPUs compute on them up to 10 x slower, by amounts that drift
+    # from step to step and differ between configurations, which swamps every difference measured
+    # here. They are flushed to zero before the first parallel op: the intra-op worker threads
+    # inherit the floating-point mode of the thread that starts them, and `set_flush_denormal`
+    # sets only the calling thread's.
+    torch.set_flush_denormal(True)
+
     args = parse_args(argv)
     if args.memory_probe is not None:
         print(json.dumps(probe_memory(args)))

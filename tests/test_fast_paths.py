@@ -221,3 +221,38 @@ def test_fast_path_is_on_by_default_and_merging_still_works(
     unmerged = fast(**retrieval_inputs).itm_score
     fast.merge_adapter()
     torch.testing.assert_close(fast(**retrieval_inputs).itm_score, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def _graph_node_names(output: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5)], ids=["1d", "2d", "3d"])
+def test_in_place_update_never_goes_through_a_view(shape):
+    # Adding into a view of the base output makes autograd copy and zero-fill the whole output
+    # gradient of every layer (CopySlices, AsStridedBackward0); the update must land in the
+    # base layer's own 2-D output instead.
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(5, 6)),
+        AuroraConfig(rank=2, target_modules=["0"], init_weights=False),
+    )
+    x = torch.randn(shape)
+
+    output = model(x)
+
+    assert output.shape == (*shape[:-1], 6)
+    nodes = _graph_node_names(output)
+    assert "_AddLowRankInPlaceBackward" in nodes
+    assert not nodes & {"CopySlices", "AsStridedBackward0"}, nodes
+    layer = model.base_model.model[0]
+    expected = layer.base_layer(x) + x @ layer.get_delta_weight("default").T
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)

@@ -136,22 +136,38 @@ class Linear(nn.Module, AuroraLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
 
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.aurora_stores:
-                continue
-            store = self.aurora_stores[name]
+        stores = {
+            name: self.aurora_stores[name]
+            for name in self.active_adapters
+            if name in self.aurora_stores
+        }
+        if not all(store.fast_path for store in stores.values()):
+            return self._reference_forward(x, stores, *args, **kwargs)
+
+        # The base layer sees the input flattened to (T, in_features), so that its output is a
+        # fresh 2-D tensor and not a view: adding into a view in place would make autograd route
+        # the output gradient through CopySlices and AsStrided backward, which copy and zero-fill
+        # the whole (T, out_features) gradient of every adapted layer.
+        result = self.base_layer(x.reshape(-1, self.in_features), *args, **kwargs)  # (T, S*d_out)
+        for name, store in stores.items():
             d_out, d_in = self._slice_shape(name)
             # (S*d_out, R): the S slices' up-projections, applied by one matmul
             up = store.up_weight(self.aurora_rows[name], d_out, self.aurora_scale[name])
+            hidden = self._fast_down_projection(name, x, d_in)  # (..., R), shared with others
+            result = add_low_rank_(result, hidden.reshape(-1, store.rank), up)
+        return result.view(*x.shape[:-1], self.out_features)
 
-            if store.fast_path:
-                hidden = self._fast_down_projection(name, x, d_in)  # (..., R)
-                result = add_low_rank_(result, hidden, up)  # (..., S*d_out)
-            else:
-                x_in = self._cast_input_dtype(self.aurora_dropout[name](x), store.P.dtype)
-                hidden = x_in @ store.V(d_in)  # (..., R)
-                result = result + (hidden @ up.T).to(result.dtype)  # (..., S*d_out)
+    def _reference_forward(
+        self, x: torch.Tensor, stores: dict[str, AuroraFactorStore], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The plain expression base(x) + sum over adapters of (dropout(x) V) up^T."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name, store in stores.items():
+            d_out, d_in = self._slice_shape(name)
+            up = store.up_weight(self.aurora_rows[name], d_out, self.aurora_scale[name])
+            x_in = self._cast_input_dtype(self.aurora_dropout[name](x), store.P.dtype)
+            hidden = x_in @ store.V(d_in)  # (..., R)
+            result = result + (hidden @ up.T).to(result.dtype)  # (..., S*d_out)
         return result
 
     def _fast_down_projection(self, name: str, x: torch.Tensor, d_in: int) -> torch.Tensor:
