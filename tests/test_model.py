@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch import nn
 from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from peft_cp import AuroraConfig, AuroraLayer
@@ -213,6 +214,31 @@ def test_modules_to_save_are_trained_and_saved(tiny_retrieval, tmp_path):
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.itm_head.weight" in saved
+
+
+class Gate(nn.Module):
+    """A module trained in full that, unlike a Linear, has no `weight`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(3))
+
+
+def test_merge_and_unload_keeps_trained_modules_without_a_weight(tiny_retrieval, retrieval_inputs):
+    tiny_retrieval.gate = Gate()
+    config = AuroraConfig(rank=4, init_weights=False, modules_to_save=["gate", "itm_head"])
+    model = get_peft_model(tiny_retrieval, config)
+    with torch.no_grad():
+        model.base_model.model.gate.modules_to_save["default"].scale.fill_(2.0)
+        model.base_model.model.itm_head.modules_to_save["default"].bias.fill_(0.5)
+    adapted = itm(model, retrieval_inputs)
+
+    plain = model.merge_and_unload()
+
+    assert type(plain.gate) is Gate and type(plain.itm_head) is nn.Linear
+    torch.testing.assert_close(plain.gate.scale, torch.full((3,), 2.0))
+    torch.testing.assert_close(plain.itm_head.bias, torch.full((2,), 0.5))
+    torch.testing.assert_close(plain(**retrieval_inputs).itm_score, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_factor_store_can_follow_the_base_dtype(tiny_retrieval):

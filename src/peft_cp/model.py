@@ -254,6 +254,17 @@ class AuroraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        # When unloading, PEFT hands the module a `modules_to_save` wrapper held back and copies
+        # `child.weight` onto it. A module trained in full that has no `weight` (the BLIP recipes'
+        # gated query and temperature) already holds all its parameters: it is put back as it is.
+        if not hasattr(new_module, "base_layer") and not hasattr(child, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     # The factors are parameters of the store, not of the layers, so PEFT's layer-level switches
     # (set_adapter, requires_grad, delete) are extended to the stores here.
 

@@ -25,6 +25,7 @@ from peft_cp.blip.plot import (
     read_result,
     relative_update,
 )
+from peft_cp.blip.recipe import RECIPE_MODULES, add_recipe_modules
 
 matplotlib.use("Agg")
 
@@ -100,6 +101,30 @@ def test_weights_draws_one_figure_per_modality_with_a_row_per_layer(retrieval_fo
     assert png_size(figures / "relative_update.png") == figure_pixels(
         3 * SUMMARY_PANEL_SIZE[0], SUMMARY_PANEL_SIZE[1]
     )
+
+
+def test_weights_of_an_adapter_trained_with_the_recipe_modules(tmp_path):
+    # The recipes save the gated query and the temperature, modules without a `weight`, with the
+    # adapter; merging must keep them and draw the same matrices as without them.
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(small_blip_config(num_layers=NUM_LAYERS))
+    model.save_pretrained(tmp_path / "base")
+    modules = add_recipe_modules(model, RECIPE_MODULES)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, AuroraConfig(rank=4, init_weights=False, modules_to_save=modules)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "figures"
+
+    argv = ["weights", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--out", str(out), "--dpi", str(DPI)]) == 0
+
+    assert sorted(p.name for p in out.glob("weights_*.png")) == [
+        "weights_cross.png",
+        "weights_text_self.png",
+        "weights_vision.png",
+    ]
 
 
 def test_weights_of_question_answering_include_the_decoder(tiny_vqa, tmp_path):
