@@ -6,8 +6,10 @@ training step per configuration: the vision encoder once, the contrastive head (
 image tokens, `itm_head`), a cross-entropy loss on each, backward and an AdamW step. The
 configurations run interleaved in one process, one step of each per round in a new order every
 round, and each reports the median over the measured rounds, so background load hits all of them
-alike. Peak memory is measured for each
-configuration in a fresh subprocess (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
+alike. Peak memory is measured for each configuration in a fresh subprocess (peak RSS on CPU,
+`torch.cuda.max_memory_allocated` on CUDA). Each configuration's matrix-multiply FLOPs per step
+(forward and backward, counted by `torch.utils.flop_counter`) are reported relative to the floor's:
+the time ratio a configuration would reach if its extra work ran as fast as the backbone's.
 
 Configurations:
     floor      no weight gradient at all: one trainable scalar multiplies the vision embeddings and
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
 import peft_cp
@@ -212,15 +215,37 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure_training(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, int]]:
+def _addmm_flops(bias: torch.Size, a: torch.Size, b: torch.Size, *_, **__) -> int:
+    """FLOPs of bias + a @ b for a (m, k) and b (k, n): one multiply and one add per term."""
+    (m, k), (_, n) = a, b
+    return 2 * m * k * n
+
+
+def count_flops(job: Callable[[], None]) -> int:
+    """Matrix-multiply FLOPs of one call of `job` (forward and backward), as torch counts them.
+
+    The in-place `addmm_` of Aurora's fast path is counted like `addmm`, which torch's counter
+    does not list.
+    """
+    in_place = {torch.ops.aten.addmm_: _addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+        job()
+    return counter.get_total_flops()
+
+
+def measure_training(
+    args: argparse.Namespace,
+) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+    """Median step seconds, tunable values and matmul FLOPs per step, by configuration."""
     base = build_base(args)
     batch = make_batch(args, base.config)
     setups = {name: build_setup(name, copy.deepcopy(base)) for name in args.configs}
     del base
 
     jobs = {name: (lambda s=setup: train_step(s, batch)) for name, setup in setups.items()}
+    flops = {name: count_flops(job) for name, job in jobs.items()}
     medians = interleaved_medians(jobs, args, "training")
-    return medians, {name: setup.tunable for name, setup in setups.items()}
+    return medians, {name: setup.tunable for name, setup in setups.items()}, flops
 
 
 def measure_inference(args: argparse.Namespace) -> dict[str, float]:
@@ -315,7 +340,9 @@ def report(
     tunable: dict[str, int],
     memory: dict[str, dict[str, float]],
     inference: dict[str, float],
+    flops: dict[str, int] | None = None,
 ) -> tuple[dict, str]:
+    flops = flops or {}
     floor_memory = memory.get("floor", {}).get("peak_mib")
     reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
     floor_step = memory.get("floor", {}).get("step_mib")
@@ -330,6 +357,8 @@ def report(
                 "step_s": times[name],
                 "time_vs_floor": relative(times[name], times.get("floor")),
                 "time_vs_uni512": relative(times[name], times.get(REFERENCE)),
+                "matmul_gflop": flops[name] / 1e9 if name in flops else None,
+                "flops_vs_floor": relative(flops.get(name), flops.get("floor")),
                 **memory.get(name, {}),
                 "memory_vs_floor": relative(peak, floor_memory),
                 "memory_vs_uni512": relative(peak, reference_memory),
@@ -337,16 +366,17 @@ def report(
         )
 
     lines = [
-        "| config | #tunable | step (median s) | time / floor | time / UniAdapter-512 "
-        "| peak memory (MiB) | memory / floor | memory / UniAdapter-512 | step peak above model "
-        "(MiB) | step peak / floor's |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | #tunable | step (median s) | time / floor | matmul FLOPs / floor "
+        "| time / UniAdapter-512 | peak memory (MiB) | memory / floor | memory / UniAdapter-512 "
+        "| step peak above model (MiB) | step peak / floor's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         peak, step = row.get("peak_mib"), row.get("step_mib")
         lines.append(
             f"| {row['config']} | {row['tunable']:,} | {row['step_s']:.3f} "
             f"| {ratio(row['step_s'], times.get('floor'))} "
+            f"| {ratio(flops.get(row['config']), flops.get('floor'))} "
             f"| {ratio(row['step_s'], times.get(REFERENCE))} "
             f"| {f'{peak:.0f}' if peak is not None else 'n/a'} | {ratio(peak, floor_memory)} "
             f"| {ratio(peak, reference_memory)} | {f'{step:.0f}' if step is not None else 'n/a'} "
@@ -408,10 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    times, tunable = measure_training(args)
+    times, tunable, flops = measure_training(args)
     inference = {} if args.no_inference else measure_inference(args)
     memory = {} if args.no_memory else measure_memory(args)
-    result, table = report(args, times, tunable, memory, inference)
+    result, table = report(args, times, tunable, memory, inference, flops)
 
     print(table)
     if args.out is not None:
