@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         return losses.total
 
     def evaluate(model, dataset=test_set):
-        metrics, _ = evaluate_retrieval(
+        """Recall metrics and the top 5 candidates of every query, over all processes."""
+        return evaluate_retrieval(
             model,
             dataset,
             tokenizer,
@@ -277,10 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        return metrics
 
     model.to(accelerator.device)
-    before = evaluate(model)
+    before, _ = evaluate(model)
     training = TrainingArguments(
         output_dir=str(output_dir),
         epochs=args.epochs,
@@ -300,22 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
         loss_fn,
         training,
         accelerator,
-        lambda model: evaluate(model, val_set),
+        lambda model: evaluate(model, val_set)[0],
         "r_mean",
         restore_best=True,  # the results below are those of the saved best adapter
     )
 
     model = accelerator.unwrap_model(model)
-    after, top5 = evaluate_retrieval(
-        model,
-        test_set,
-        tokenizer,
-        args.k_test,
-        accelerator.device,
-        max_length=args.max_text_length,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
+    after, top5 = evaluate(model)
     chance = chance_recall(len(test_set), 1)
     report = {
         "task": "retrieval",
