@@ -32,6 +32,7 @@ import peft_cp
 from peft_cp.blip.configs import read_settings, small_blip_config
 from peft_cp.blip.data import RetrievalEvalDataset, RetrievalTrainDataset, collate_retrieval_train
 from peft_cp.blip.demo import demo_vocabulary, word_tokenizer, write_shapes_dataset
+from peft_cp.blip.files import check_model_path
 from peft_cp.blip.gated_query import add_gated_query
 from peft_cp.blip.metrics import write_retrieval_results
 from peft_cp.blip.report import MediaCandidate, TextToMediaCase, write_retrieval_cases_html
@@ -142,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"a benchmark run needs {', '.join(missing)} (or no arguments for the demo)"
             )
+        try:
+            check_model_path(args.model, "--model")
+        except FileNotFoundError as error:
+            parser.error(str(error))
     return args
 
 

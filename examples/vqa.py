@@ -56,7 +56,7 @@ from peft_cp.blip.demo_vqa import (
     write_demo_video_qa,
     write_demo_vqa,
 )
-from peft_cp.blip.files import write_text_atomic
+from peft_cp.blip.files import check_model_path, write_text_atomic
 from peft_cp.blip.gated_query import add_gated_query
 from peft_cp.blip.metrics import write_vqa_submission
 from peft_cp.blip.report import write_qa_cases_html
@@ -187,6 +187,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"a benchmark run needs {', '.join(missing)} (or no arguments for the demo)"
             )
+        try:
+            check_model_path(args.model, "--model")
+        except FileNotFoundError as error:
+            parser.error(str(error))
     return args
 
 

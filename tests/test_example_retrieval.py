@@ -159,3 +159,14 @@ def test_processes_that_form_no_group_are_refused(tmp_path, monkeypatch):
         RuntimeError, match="launched as 2 processes, but Accelerate formed a group"
     ):
         retrieval.main(["--output-dir", str(tmp_path)])
+
+
+def test_a_missing_model_folder_is_named(capsys, tmp_path):
+    argv = ["--model", str(tmp_path / "no_such_model"), "--benchmark", "coco"]
+    argv += ["--train-file", "train.json", "--test-file", "test.json", "--media-root", "."]
+
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(argv)
+
+    error = capsys.readouterr().err
+    assert f"--model '{tmp_path / 'no_such_model'}': no such file or folder" in error

@@ -106,6 +106,18 @@ def test_benchmark_run_names_missing_arguments(capsys):
     assert "--train-file, --test-file, --media-root, --answer-list" in error
 
 
+def test_a_missing_model_folder_is_named(capsys, tmp_path):
+    example = _load_example()
+    argv = ["--model", str(tmp_path / "no_such_model"), "--dataset", "msrvtt_qa"]
+    argv += ["--train-file", "train.jsonl", "--test-file", "test.jsonl", "--media-root", "."]
+
+    with pytest.raises(SystemExit):
+        example.parse_args(argv)
+
+    error = capsys.readouterr().err
+    assert f"--model '{tmp_path / 'no_such_model'}': no such file or folder" in error
+
+
 def test_benchmark_defaults_are_the_paper_settings():
     example = _load_example()
     common = ["--model", "m", "--train-file", "t", "--test-file", "s", "--media-root", "r"]

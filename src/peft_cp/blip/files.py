@@ -1,4 +1,5 @@
-"""Writing result files so that a crash never leaves a half-written one behind."""
+"""Files: result files written so that a crash never leaves a half-written one behind, and
+early checks of the model paths users pass."""
 
 from __future__ import annotations
 
@@ -32,3 +33,23 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def check_model_path(name_or_path: str, argument: str) -> None:
+    """Fail early on a local model path that does not exist, naming the command-line argument.
+
+    A hub name such as "Salesforce/blip-itm-base-coco" is left to `from_pretrained`, which would
+    otherwise report a missing folder as an invalid repository name.
+
+    Raises:
+        FileNotFoundError: `name_or_path` looks like a local path and does not exist.
+    """
+    if Path(name_or_path).exists():
+        return
+    looks_local = (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
+    if looks_local:
+        raise FileNotFoundError(f"{argument} {name_or_path!r}: no such file or folder.")

@@ -34,6 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from torch import Tensor, nn
 
+from .files import check_model_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -123,15 +125,6 @@ def collect_attention_weights(model: nn.Module) -> AttentionWeights:
     return {modality: dict(sorted(layers.items())) for modality, layers in weights.items()}
 
 
-def _check_model_path(path: str, argument: str) -> None:
-    """Fail early on a missing local path; a hub name like "org/model" is left to transformers."""
-    if Path(path).exists():
-        return
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local:
-        raise FileNotFoundError(f"{argument} {path!r}: no such file or folder.")
-
-
 def load_blip(name_or_path: str, argument: str = "--base") -> nn.Module:
     """Load a BLIP model with the head named in its `config.architectures` (retrieval otherwise).
 
@@ -142,7 +135,7 @@ def load_blip(name_or_path: str, argument: str = "--base") -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
-    _check_model_path(name_or_path, argument)
+    check_model_path(name_or_path, argument)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:
@@ -184,7 +177,7 @@ def load_weight_sets(
     from .recipe import load_recipe_adapter
 
     adapter_path = Path(adapter)
-    _check_model_path(adapter, "--adapter")
+    check_model_path(adapter, "--adapter")
     if adapter_path.is_dir() and not (adapter_path / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"--adapter {adapter!r}: folder has no adapter_config.json; pass the folder that "
