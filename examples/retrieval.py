@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--k-test", type=int, help="Candidates re-ranked by the matching head.")
     parser.add_argument("--max-text-length", type=int, help="Caption tokens (35).")
     parser.add_argument(
@@ -116,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="Skip unreadable items.")
     parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     parser.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -207,7 +209,10 @@ def log_recall_table(before: dict, after: dict, chance: float) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         # Each process would otherwise train alone, all of them writing the same output folder.
@@ -291,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
         gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
         seed=args.seed,
         resume=args.resume,

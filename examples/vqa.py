@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-frames", type=int, help="Benchmarks: 8.")
     parser.add_argument("--test-frames", type=int, help="Benchmarks: 16.")
     parser.add_argument("--batch-size", type=int, help="Per process.")
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="Batches per optimizer step (under DeepSpeed, its config's value wins).",
+    )
     parser.add_argument("--test-batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--learning-rate", type=float)
@@ -323,6 +329,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
         seed=args.seed,
         resume=args.resume,
         max_steps=args.max_steps,
@@ -409,7 +416,10 @@ def log_report(report: dict, output_dir: Path, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+    )
     if args.demo and accelerator.device.type == "cpu":
         # The demo model is too small to gain from intra-op threads; on a shared machine extra
         # threads only wait on each other (a training step is then several times slower).

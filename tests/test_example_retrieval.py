@@ -152,6 +152,17 @@ def test_validation_file_and_accumulation_options():
     assert args.gradient_accumulation_steps == 4
 
 
+def test_optimizer_and_precision_options():
+    common = ["--model", "m", "--benchmark", "coco", "--train-file", "t", "--test-file", "s"]
+    common += ["--media-root", "r"]
+
+    default = retrieval.parse_args(common)
+    chosen = retrieval.parse_args([*common, "--weight-decay", "0.1", "--mixed-precision", "bf16"])
+
+    assert (default.weight_decay, default.mixed_precision) == (0.05, None)
+    assert (chosen.weight_decay, chosen.mixed_precision) == (0.1, "bf16")
+
+
 def test_processes_that_form_no_group_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
 

@@ -173,3 +173,13 @@ def test_visual_genome_weight_and_case_count_options():
 
     assert (default.vg_answer_weight, default.cases) == (0.2, 12)  # BLIP's Visual Genome weight
     assert (chosen.vg_answer_weight, chosen.cases) == (0.5, 0)
+
+
+def test_gradient_accumulation_option():
+    example = _load_example()
+    common = ["--model", "m", "--train-file", "t", "--test-file", "s", "--media-root", "r"]
+    common += ["--dataset", "msrvtt_qa"]
+
+    assert example.parse_args(common).gradient_accumulation_steps == 1
+    chosen = example.parse_args([*common, "--gradient-accumulation-steps", "4"])
+    assert chosen.gradient_accumulation_steps == 4
