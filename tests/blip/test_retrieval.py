@@ -1,6 +1,7 @@
 """Retrieval losses, hard negatives, the gated query transformation and the trainer."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,26 @@ def test_factor_store_trains_under_fsdp(tmp_path):
     assert report["output_difference"] < 1e-5
     assert report["factor_difference"] < 1e-5
     assert report["factor_change"] > 1e-3  # the step did move the factors
+
+
+@pytest.mark.slow
+def test_factor_store_trains_under_deepspeed_zero2(tmp_path):
+    script = ROOT / "tests" / "scripts" / "deepspeed_step.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path / "deepspeed.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reports = json.loads((tmp_path / "deepspeed.json").read_text())
+    assert len(reports) == 2 and all(report["world_size"] == 2 for report in reports)
+    for report in reports:  # every rank holds the factors of the plain step
+        assert report["output_difference"] < 1e-5
+        assert report["factor_difference"] < 1e-5
+        assert report["factor_change"] > 1e-3  # the step did move the factors
 
 
 @pytest.mark.slow

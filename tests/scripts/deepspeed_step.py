@@ -1,0 +1,71 @@
+"""One training step of an Aurora-adapted BLIP under DeepSpeed ZeRO-2, compared with the same step
+in a plain single process.
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 deepspeed_step.py OUT.json
+
+ZeRO-2 partitions the gradients and the optimizer state of the trainable parameters, here the
+factor store that every adapted layer reads by reference: after the step each rank must hold the
+factors of the plain step.
+"""
+
+import copy
+import json
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from transformers import BlipForImageTextRetrieval
+
+from peft_cp import AuroraConfig
+from peft_cp.blip.configs import small_blip_config
+
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+model = get_peft_model(
+    BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
+)
+reference = copy.deepcopy(model)
+initial = {k: v.clone() for k, v in reference.base_model.factor_store().state_dict().items()}
+inputs = {
+    "input_ids": torch.arange(3, 9)[None].repeat(2, 1),
+    "pixel_values": torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
+}
+
+
+def sgd(module):
+    return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+
+
+config = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
+}
+engine, *_ = deepspeed.initialize(model=model, optimizer=sgd(model), config=config)
+# Gradients are averaged over the 2 ranks, which see the same batch: the step equals the plain one.
+engine_output = engine(**inputs).itm_score
+engine.backward(engine_output.square().sum())
+engine.step()
+
+optimizer = sgd(reference)
+reference_output = reference(**inputs).itm_score
+reference_output.square().sum().backward()
+optimizer.step()
+
+state = engine.module.base_model.factor_store().state_dict()
+expected = reference.base_model.factor_store().state_dict()
+report = {
+    "output_difference": (engine_output - reference_output).abs().max().item(),
+    "factor_difference": max((state[k] - v).abs().max().item() for k, v in expected.items()),
+    "factor_change": max((expected[k] - v).abs().max().item() for k, v in initial.items()),
+    "world_size": dist.get_world_size(),
+}
+reports = [None] * dist.get_world_size()
+dist.all_gather_object(reports, report)
+if dist.get_rank() == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(reports, f)
+dist.destroy_process_group()
