@@ -291,19 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.to(accelerator.device)
     before, _ = evaluate(model)
-    training = TrainingArguments(
-        output_dir=str(output_dir),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
-        seed=args.seed,
-        resume=args.resume,
-        max_steps=args.max_steps,
-        num_workers=0 if args.demo else args.num_workers,
-        mixed_precision=accelerator.mixed_precision,
-    )
+    training = TrainingArguments.from_command_line(args, accelerator, output_dir)
     result = fit(
         model,
         train_set,

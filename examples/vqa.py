@@ -323,19 +323,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     if truth is not None:  # answering VQAv2 test-dev without answers would only cost time
         before = {"accuracy": answer_accuracy(answer(model, test_set), truth, args.dataset)}
 
-    training = TrainingArguments(
-        output_dir=str(output_dir),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
-        seed=args.seed,
-        resume=args.resume,
-        max_steps=args.max_steps,
-        num_workers=0 if args.demo else args.num_workers,
-        mixed_precision=accelerator.mixed_precision,
-    )
+    training = TrainingArguments.from_command_line(args, accelerator, output_dir)
     result = fit(
         model,
         train_set,

@@ -1,4 +1,6 @@
 import copy
+import socket
+import sys
 
 import pytest
 import torch
@@ -41,3 +43,28 @@ def retrieval_inputs(tiny_config):
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, so that back-to-back launches never share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def launch_two_processes():
+    """The command that starts a script in 2 processes through Accelerate.
+
+    On a machine without GPUs, --multi_gpu starts torchrun processes that talk over gloo
+    (Accelerate's --cpu flag starts one process unless MPI is set up).
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    return [*launch, "--num_processes", "2", "--main_process_port", str(free_port())]
+
+
+@pytest.fixture
+def torchrun_two_processes():
+    """The command that starts a script in 2 torchrun processes on a free port."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*launch, "--master_port", str(free_port())]

@@ -54,15 +54,10 @@ def test_short_demo_writes_results_adapter_and_cases(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_two_process_demo_with_validation_file_and_accumulation(tmp_path):
+def test_two_process_demo_with_validation_file_and_accumulation(tmp_path, launch_two_processes):
     validation = write_shapes_dataset(tmp_path / "val", train_per_combination=1, seed=1)["test"]
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
+        *launch_two_processes,
         str(ROOT / "examples" / "retrieval.py"),
         "--epochs", "1",
         "--max-steps", "3",

@@ -334,24 +334,16 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_see_the_same_step_zero_loss(tmp_path):
+def test_two_processes_see_the_same_step_zero_loss(tmp_path, launch_two_processes):
     script = ROOT / "tests" / "scripts" / "step_zero_loss.py"
     single = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True
     )
     assert single.returncode == 0, single.stderr
-    # On a machine without GPUs, --multi_gpu starts torchrun processes that talk over gloo
-    # (accelerate's --cpu flag starts one process unless MPI is set up).
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-    ]
     double = subprocess.run(
-        [*launch, str(script), str(tmp_path / "two.json")], capture_output=True, text=True
+        [*launch_two_processes, str(script), str(tmp_path / "two.json")],
+        capture_output=True,
+        text=True,
     )
     assert double.returncode == 0, double.stderr[-3000:]
 
@@ -362,35 +354,28 @@ def test_two_processes_see_the_same_step_zero_loss(tmp_path):
     assert two["itm"] == pytest.approx(one["itm"], rel=1e-5)
 
 
+# Each script takes one sharded step in 2 processes and the same step unsharded, and reports per
+# rank: the sharding is FSDP (the store in the root unit) or DeepSpeed ZeRO-2 (its gradients and
+# optimizer state partitioned).
 @pytest.mark.slow
-def test_factor_store_trains_under_fsdp(tmp_path):
-    script = ROOT / "tests" / "scripts" / "fsdp_step.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+@pytest.mark.parametrize(
+    ("script", "env"),
+    [("fsdp_step.py", {}), ("deepspeed_step.py", {"DS_ACCELERATOR": "cpu"})],
+    ids=["fsdp", "deepspeed_zero2"],
+)
+def test_factor_store_trains_sharded_like_a_plain_step(
+    tmp_path, torchrun_two_processes, script, env
+):
+    command = [*torchrun_two_processes, str(ROOT / "tests" / "scripts" / script)]
     result = subprocess.run(
-        [*command, str(script), str(tmp_path / "fsdp.json")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    report = json.loads((tmp_path / "fsdp.json").read_text())
-    assert report["world_size"] == 2
-    assert report["output_difference"] < 1e-5
-    assert report["factor_difference"] < 1e-5
-    assert report["factor_change"] > 1e-3  # the step did move the factors
-
-
-@pytest.mark.slow
-def test_factor_store_trains_under_deepspeed_zero2(tmp_path):
-    script = ROOT / "tests" / "scripts" / "deepspeed_step.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, str(script), str(tmp_path / "deepspeed.json")],
+        [*command, str(tmp_path / "report.json")],
         capture_output=True,
         text=True,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    reports = json.loads((tmp_path / "deepspeed.json").read_text())
+    reports = json.loads((tmp_path / "report.json").read_text())
     assert len(reports) == 2 and all(report["world_size"] == 2 for report in reports)
     for report in reports:  # every rank holds the factors of the plain step
         assert report["output_difference"] < 1e-5
@@ -399,22 +384,14 @@ def test_factor_store_trains_under_deepspeed_zero2(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, launch_two_processes):
     script = ROOT / "tests" / "scripts" / "fit_steps.py"
     single = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-    ]
     double = subprocess.run(
-        [*launch, str(script), str(tmp_path / "two")], capture_output=True, text=True
+        [*launch_two_processes, str(script), str(tmp_path / "two")], capture_output=True, text=True
     )
     assert double.returncode == 0, double.stderr[-3000:]
 

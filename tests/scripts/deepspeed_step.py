@@ -5,7 +5,7 @@ in a plain single process.
 
 ZeRO-2 partitions the gradients and the optimizer state of the trainable parameters, here the
 factor store that every adapted layer reads by reference: after the step each rank must hold the
-factors of the plain step.
+factors of the plain step. OUT.json gets one report per rank.
 """
 
 import copy

@@ -8,6 +8,7 @@ continue from the last complete one, and the best adapter by a validation metric
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -57,6 +58,29 @@ class TrainingArguments:
     log_every: int = 10
     num_workers: int = 0
     max_steps: int | None = None
+
+    @classmethod
+    def from_command_line(
+        cls, args: argparse.Namespace, accelerator: Accelerator, output_dir: str | os.PathLike
+    ) -> TrainingArguments:
+        """The settings of the example scripts' shared options (`--epochs`, `--batch-size`,
+        `--learning-rate`, `--weight-decay`, `--seed`, `--resume`, `--max-steps`,
+        `--num-workers`), with the Accelerator's gradient accumulation and mixed precision. The
+        offline demo (`args.demo`) loads its data in the main process.
+        """
+        return cls(
+            output_dir=str(output_dir),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+            seed=args.seed,
+            resume=args.resume,
+            max_steps=args.max_steps,
+            num_workers=0 if args.demo else args.num_workers,
+            mixed_precision=accelerator.mixed_precision,
+        )
 
 
 @dataclass
