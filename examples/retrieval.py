@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cases:
             write_cases(output_dir / "cases.html", test_set, top5["text_to_media"], args)
     logger.info(f"adapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
+    accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
     accelerator.end_training()
     return report
 

@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         report = run(args, accelerator)
         log_report(report, root, time.perf_counter() - start)
+        accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
         accelerator.end_training()
         return [report]
 
@@ -445,6 +446,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         reports.append(run(args, accelerator))
         log_report(reports[-1], Path(args.output_dir), time.perf_counter() - start)
+    accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
     accelerator.end_training()
     return reports
 

@@ -61,4 +61,5 @@ args = TrainingArguments(
 )
 fit(model, dataset, collate, loss_fn, args, accelerator)
 
+accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
 accelerator.end_training()  # a clean exit of the process group

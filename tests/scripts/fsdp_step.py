@@ -77,4 +77,6 @@ dist.all_gather_object(reports, report)
 if dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(reports, f)
+# No rank tears gloo down while another may still be exchanging the reports.
+dist.barrier()
 dist.destroy_process_group()

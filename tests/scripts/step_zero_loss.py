@@ -45,4 +45,5 @@ if accelerator.is_main_process:
     with open(sys.argv[1], "w") as f:
         json.dump({"itc": itc, "itm": itm, "world_size": accelerator.num_processes}, f)
 
+accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
 accelerator.end_training()  # a clean exit of the process group
