@@ -43,7 +43,7 @@ from peft_cp.blip.retrieval import (
     retrieval_losses,
     tokenize_captions,
 )
-from peft_cp.blip.training import TrainingArguments, fit
+from peft_cp.blip.training import TrainingArguments, finish_run, fit
 from peft_cp.blip.video import ImageLoader, ImageTransform, VideoLoader
 
 logger = get_logger(__name__)
@@ -221,6 +221,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"{accelerator.num_processes} (no GPU per process?). On a machine without GPUs, "
             "set ACCELERATE_USE_CPU=true for `accelerate launch --multi_gpu`."
         )
+
+    report = run(args, accelerator)
+    finish_run(accelerator)  # after `run` returns, so that no wrapped model is left
+    return report
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Train and evaluate one retrieval run; returns the results written to results.json."""
     output_dir = Path(
         args.output_dir or ("outputs/retrieval_demo" if args.demo else "runs/retrieval")
     )
@@ -324,8 +332,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cases:
             write_cases(output_dir / "cases.html", test_set, top5["text_to_media"], args)
     logger.info(f"adapter: {output_dir / 'best_adapter'}  results: {output_dir / 'results.json'}")
-    accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
-    accelerator.end_training()
     return report
 
 

@@ -60,7 +60,7 @@ from peft_cp.blip.files import check_model_path, write_text_atomic
 from peft_cp.blip.gated_query import add_gated_query
 from peft_cp.blip.metrics import write_vqa_submission
 from peft_cp.blip.report import write_qa_cases_html
-from peft_cp.blip.training import TrainingArguments, fit
+from peft_cp.blip.training import TrainingArguments, finish_run, fit
 from peft_cp.blip.video import ImageLoader, ImageTransform, VideoLoader
 from peft_cp.blip.vqa import (
     answer_accuracy,
@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         report = run(args, accelerator)
         log_report(report, root, time.perf_counter() - start)
-        accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
-        accelerator.end_training()
+        finish_run(accelerator)
         return [report]
 
     # The demo: both datasets, each in its own folder, with data written by the main process.
@@ -446,8 +445,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         reports.append(run(args, accelerator))
         log_report(reports[-1], Path(args.output_dir), time.perf_counter() - start)
-    accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
-    accelerator.end_training()
+    finish_run(accelerator)
     return reports
 
 

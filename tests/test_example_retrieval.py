@@ -80,6 +80,7 @@ def test_two_process_demo_with_validation_file_and_accumulation(tmp_path, launch
     assert results["best_epoch"] == 0 and results["best_epoch_picked_on"] == "validation"
     assert (tmp_path / "run" / "best_adapter" / "adapter_model.safetensors").is_file()
     assert run.stderr.count("trainable: ") == 1  # one process group: only its main process logs
+    assert "outlive the process group" not in run.stderr  # both processes left it cleanly
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from peft import get_peft_model
@@ -15,7 +16,7 @@ from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
-from peft_cp.blip.training import TrainingArguments, fit
+from peft_cp.blip.training import TrainingArguments, communication_threads, fit
 
 
 def tiny_model():
@@ -185,3 +186,16 @@ def test_resume_is_refused_under_deepspeed(tmp_path):
         NotImplementedError, match="resume is not supported yet under DeepSpeed: ZeRO shards"
     ):
         fit(tiny_model(), dataset(4), collate, loss_fn, args, FakeDeepSpeedAccelerator())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from /proc")
+def test_communication_threads_end_with_their_process_group(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        running = communication_threads()
+    finally:
+        dist.destroy_process_group()
+
+    assert "pt_gloo_runloop" in running
+    assert communication_threads() == []

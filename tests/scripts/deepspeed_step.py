@@ -9,6 +9,7 @@ factors of the plain step. OUT.json gets one report per rank.
 """
 
 import copy
+import gc
 import json
 import sys
 
@@ -20,17 +21,17 @@ from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
+from peft_cp.blip.training import communication_threads
 
-deepspeed.init_distributed(dist_backend="gloo")
-torch.manual_seed(0)
-model = get_peft_model(
-    BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
-)
-reference = copy.deepcopy(model)
-initial = {k: v.clone() for k, v in reference.base_model.factor_store().state_dict().items()}
-inputs = {
+INPUTS = {
     "input_ids": torch.arange(3, 9)[None].repeat(2, 1),
     "pixel_values": torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
+}
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
 }
 
 
@@ -38,36 +39,49 @@ def sgd(module):
     return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
 
 
-config = {
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 2},
-    "zero_allow_untested_optimizer": True,
-}
-engine, *_ = deepspeed.initialize(model=model, optimizer=sgd(model), config=config)
-# Gradients are averaged over the 2 ranks, which see the same batch: the step equals the plain one.
-engine_output = engine(**inputs).itm_score
-engine.backward(engine_output.square().sum())
-engine.step()
+def compare() -> dict:
+    """This rank's differences between the ZeRO-2 step and the plain one."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
+    )
+    reference = copy.deepcopy(model)
+    initial = {k: v.clone() for k, v in reference.base_model.factor_store().state_dict().items()}
 
-optimizer = sgd(reference)
-reference_output = reference(**inputs).itm_score
-reference_output.square().sum().backward()
-optimizer.step()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd(model), config=CONFIG)
+    # Gradients are averaged over the 2 ranks, which see the same batch: the step equals the
+    # plain one.
+    engine_output = engine(**INPUTS).itm_score
+    engine.backward(engine_output.square().sum())
+    engine.step()
 
-state = engine.module.base_model.factor_store().state_dict()
-expected = reference.base_model.factor_store().state_dict()
-report = {
-    "output_difference": (engine_output - reference_output).abs().max().item(),
-    "factor_difference": max((state[k] - v).abs().max().item() for k, v in expected.items()),
-    "factor_change": max((expected[k] - v).abs().max().item() for k, v in initial.items()),
-    "world_size": dist.get_world_size(),
-}
+    optimizer = sgd(reference)
+    reference_output = reference(**INPUTS).itm_score
+    reference_output.square().sum().backward()
+    optimizer.step()
+
+    state = engine.module.base_model.factor_store().state_dict()
+    expected = reference.base_model.factor_store().state_dict()
+    engine.destroy()
+    return {
+        "output_difference": (engine_output - reference_output).abs().max().item(),
+        "factor_difference": max((state[k] - v).abs().max().item() for k, v in expected.items()),
+        "factor_change": max((expected[k] - v).abs().max().item() for k, v in initial.items()),
+        "world_size": dist.get_world_size(),
+    }
+
+
+deepspeed.init_distributed(dist_backend="gloo")
 reports = [None] * dist.get_world_size()
-dist.all_gather_object(reports, report)
+dist.all_gather_object(reports, compare())
 if dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(reports, f)
-# No rank tears gloo down while another may still be exchanging the reports.
-dist.barrier()
-dist.destroy_process_group()
+
+# With the engine gone with `compare` and DeepSpeed's own references released by its
+# destroy_process_group, nothing holds the group: its worker threads stop while Python can still
+# serve them.
+gc.collect()
+deepspeed.comm.destroy_process_group()
+if communication_threads():
+    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")

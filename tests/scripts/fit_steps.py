@@ -16,7 +16,7 @@ from transformers import BlipForImageTextRetrieval
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.retrieval import retrieval_losses
-from peft_cp.blip.training import TrainingArguments, fit
+from peft_cp.blip.training import TrainingArguments, communication_threads, finish_run, fit
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
@@ -61,5 +61,6 @@ args = TrainingArguments(
 )
 fit(model, dataset, collate, loss_fn, args, accelerator)
 
-accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
-accelerator.end_training()  # a clean exit of the process group
+finish_run(accelerator)
+if communication_threads():
+    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")

@@ -18,6 +18,7 @@ from transformers import BlipForImageTextRetrieval
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.retrieval import retrieval_losses
+from peft_cp.blip.training import communication_threads, finish_run
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
@@ -45,5 +46,6 @@ if accelerator.is_main_process:
     with open(sys.argv[1], "w") as f:
         json.dump({"itc": itc, "itm": itm, "world_size": accelerator.num_processes}, f)
 
-accelerator.wait_for_everyone()  # nobody leaves the group while others still exchange data
-accelerator.end_training()  # a clean exit of the process group
+finish_run(accelerator)
+if communication_threads():
+    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")

@@ -9,6 +9,9 @@ continue from the last complete one, and the best adapter by a validation metric
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
@@ -34,6 +38,15 @@ logger = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
 BEST = "best_adapter"
+
+# Modules with functions that take the world process group as a default argument. Imported once the
+# group exists (DDP and Accelerate import them lazily), they hold it alive past its destruction, and
+# with it the group's worker threads (see `finish_run`); imported before, their default is None.
+_WORLD_GROUP_DEFAULTS = {"torch.distributed.nn": "torch", "deepspeed.comm": "deepspeed"}
+if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    for _module, _package in _WORLD_GROUP_DEFAULTS.items():
+        if importlib.util.find_spec(_package) is not None:
+            importlib.import_module(_module)
 
 
 @dataclass
@@ -392,3 +405,44 @@ def fit(
     if restore_best:
         _restore_best(accelerator, model, wrapped, output_dir / BEST)
     return result
+
+
+def communication_threads() -> list[str]:
+    """Names of this process's gloo worker threads (read from /proc; empty where there is none)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        try:
+            name = task.read_text().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
+def finish_run(accelerator: Accelerator) -> None:
+    """Ends a run: every process waits for the others, then the process group goes away.
+
+    Call it once nothing holds a prepared (wrapped) model any more. The group's worker threads stop
+    only when its last reference goes. One that outlives the interpreter can still be freeing the
+    tensors of a finished collective when Python shuts down, and the process then aborts after all
+    its work is done ("terminate called without an active exception"). So Accelerate's references
+    to the wrapped models and optimizers are dropped first, and what keeps the threads anyway is
+    reported.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed.comm  # DeepSpeed keeps groups of its own, released by its destroy
+
+        deepspeed.comm.destroy_process_group()
+    accelerator.end_training()
+
+    left = communication_threads()
+    if left:
+        logger.warning(
+            f"{len(left)} communication threads outlive the process group (something still "
+            "holds a wrapped model); the process may abort at exit.",
+            main_process_only=False,
+        )
