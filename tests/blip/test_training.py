@@ -1,6 +1,9 @@
-"""The trainer: learning-rate schedule with accumulation, best-adapter saving and restoring."""
+"""The trainer: learning-rate schedule with accumulation, best-adapter saving and restoring,
+checkpoints, and how distributed runs end."""
 
+import json
 import math
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +20,8 @@ from transformers import BlipForImageTextRetrieval
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.training import TrainingArguments, communication_threads, fit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_model():
@@ -186,6 +191,41 @@ def test_resume_is_refused_under_deepspeed(tmp_path):
         NotImplementedError, match="resume is not supported yet under DeepSpeed: ZeRO shards"
     ):
         fit(tiny_model(), dataset(4), collate, loss_fn, args, FakeDeepSpeedAccelerator())
+
+
+def test_a_checkpoint_from_fsdp_is_refused_without_it(tmp_path):
+    fit(tiny_model(), dataset(4), collate, loss_fn, TrainingArguments(str(tmp_path)), Accelerator())
+    state_file = tmp_path / "checkpoints" / "epoch_0" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["optimizer_layout"] == "per-index"
+    state_file.write_text(json.dumps(state | {"optimizer_layout": "fsdp-by-name"}))
+
+    resumed = TrainingArguments(str(tmp_path), resume=True)
+    with pytest.raises(
+        ValueError,
+        match=r"epoch_0: its optimizer state was written whole and keyed by parameter name \(an "
+        r"FSDP run\), this run needs one by parameter index",
+    ):
+        fit(tiny_model(), dataset(4), collate, loss_fn, resumed, Accelerator())
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_the_sharded_optimizer(tmp_path, torchrun_two_processes):
+    script = ROOT / "tests" / "scripts" / "fsdp_checkpoint.py"
+    result = subprocess.run(
+        [*torchrun_two_processes, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reports = json.loads((tmp_path / "report.json").read_text())
+    assert len(reports) == 2
+    for report in reports:
+        assert report["resumed_difference"] < 1e-6  # the step after resuming is the same step
+        assert report["first_step_change"] > 1e-3 and report["second_step_change"] > 1e-3
+        # Without AdamW's moments the second step goes elsewhere.
+        assert report["restarted_difference"] > 1e-3
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from /proc")

@@ -139,9 +139,8 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _save_checkpoint(
-    accelerator: Accelerator,
     adapter: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     output_dir: Path,
     state: dict[str, Any],
@@ -157,7 +156,7 @@ def _save_checkpoint(
         {k: v.detach().cpu().clone() for k, v in adapter.items()},
         partial / "adapter.safetensors",
     )
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(optimizer_state, partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
@@ -168,17 +167,82 @@ def _save_checkpoint(
 def _load_checkpoint(
     accelerator: Accelerator,
     model: PeftModel,
+    wrapped: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     folder: Path,
 ) -> dict[str, Any]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    written_under = state.get("optimizer_layout", "per-index")
+    if written_under != _optimizer_layout(accelerator):
+        raise ValueError(
+            f"{folder}: its optimizer state was written {_LAYOUTS[written_under]}, this run "
+            f"needs one {_LAYOUTS[_optimizer_layout(accelerator)]}. Resume with the distributed "
+            "setup (FSDP or not) that wrote it."
+        )
+
     # Read on the CPU (`load_state_dict` copies onto the parameters' device): safetensors rejects
     # indexed CPU devices such as the "cpu:0" of multi-process CPU runs.
     adapter = load_file(folder / "adapter.safetensors")
-    set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with _writable_full_parameters(wrapped):
+            set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
+        with _full_state_dicts(wrapped, rank0_only=False):
+            optimizer_state = FSDP.optim_state_dict_to_load(
+                wrapped, optimizer.optimizer, optimizer_state
+            )
+    else:
+        set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    return json.loads((folder / "trainer_state.json").read_text())
+    return state
+
+
+# How a checkpoint's optimizer state is keyed, named in trainer_state.json.
+_LAYOUTS = {
+    "per-index": "by parameter index (a run without FSDP)",
+    "fsdp-by-name": "whole and keyed by parameter name (an FSDP run)",
+}
+
+
+def _optimizer_layout(accelerator: Accelerator) -> str:
+    return "fsdp-by-name" if accelerator.distributed_type == DistributedType.FSDP else "per-index"
+
+
+def _optimizer_state(
+    accelerator: Accelerator, wrapped: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer state a checkpoint holds; under FSDP collective, and whole on the main process.
+
+    FSDP shards the state across processes: it is gathered whole, keyed by parameter name, and
+    `_load_checkpoint` scatters it back.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return optimizer.state_dict()
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(wrapped, rank0_only=True):
+        return FSDP.optim_state_dict(wrapped, optimizer.optimizer)
+
+
+@contextmanager
+def _full_state_dicts(module: nn.Module, rank0_only: bool):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # Offloading gathers onto the CPU; asked of a model already there, FSDP crashes (torch 2.13).
+    offload = next(module.parameters()).device.type != "cpu"
+    with FSDP.state_dict_type(
+        module,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    ):
+        yield
 
 
 class _LossModule(nn.Module):
@@ -280,7 +344,8 @@ def fit(
     if args.resume and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise NotImplementedError(
             "resume is not supported yet under DeepSpeed: ZeRO shards the optimizer state across "
-            "processes and checkpoints hold the main process's share only. Use DDP to resume."
+            "processes and checkpoints hold the main process's share only. Use DDP or FSDP to "
+            "resume."
         )
 
     if evaluate is not None and accelerator.distributed_type == DistributedType.FSDP:
@@ -318,11 +383,6 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         base_optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
     )
-    if args.resume and accelerator.distributed_type == DistributedType.FSDP:
-        raise NotImplementedError(
-            "resume is not supported yet under FSDP: the optimizer state is sharded across "
-            "processes and checkpoints hold the main process's share only. Use DDP to resume."
-        )
 
     result = FitResult()
     start_epoch = 0
@@ -331,7 +391,7 @@ def fit(
         if checkpoint is None:
             logger.warning(f"resume: no checkpoint in {output_dir / CHECKPOINTS}; starting anew.")
         else:
-            state = _load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
+            state = _load_checkpoint(accelerator, model, wrapped, optimizer, scheduler, checkpoint)
             start_epoch, result.steps = state["epoch"] + 1, state["steps"]
             result.history = state["history"]
             result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
@@ -394,12 +454,18 @@ def fit(
         }
         if improved and accelerator.is_main_process:
             _save_best(model, output_dir, full_state)
+        optimizer_state = _optimizer_state(accelerator, wrapped, optimizer)
         if accelerator.is_main_process:
             adapter = get_peft_model_state_dict(
                 model, state_dict=full_state, adapter_name=model.active_adapter
             )
-            state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
-            _save_checkpoint(accelerator, adapter, optimizer, scheduler, output_dir, state)
+            state = {
+                **asdict(result),
+                "epoch": epoch,
+                "args": asdict(args),
+                "optimizer_layout": _optimizer_layout(accelerator),
+            }
+            _save_checkpoint(adapter, optimizer_state, scheduler, output_dir, state)
         accelerator.wait_for_everyone()
 
     if restore_best:
