@@ -79,12 +79,32 @@ def blip_of(model: nn.Module) -> nn.Module:
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every process along dim 0, keeping the autograd graph."""
+    """Concatenate `tensor` (same shape on every process) from every process along dim 0, keeping
+    the autograd graph."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(tensor)
 
-    return torch.cat(all_gather(tensor), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward hands each process its rows of the summed gradient.
+
+    Every process computes its loss over the gathered rows, so the gradient of a process's own
+    rows is the sum of what every process's loss sends back to them.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total.narrow(0, dist.get_rank() * ctx.rows, ctx.rows)
 
 
 @dataclass
