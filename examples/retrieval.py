@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ from peft_cp.blip.training import TrainingArguments, finish_run, fit
 from peft_cp.blip.video import ImageLoader, ImageTransform, VideoLoader
 
 logger = get_logger(__name__)
+# Raised by PEFT's own call into transformers on every get_peft_model; nothing to change here.
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 HEADS = ["vision_proj", "text_proj", "itm_head"]
 # Settings a --config file or the command line may override: the paper's MSCOCO ones, and the

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,6 +74,8 @@ from peft_cp.blip.vqa import (
 )
 
 logger = get_logger(__name__)
+# Raised by PEFT's own call into transformers on every get_peft_model; nothing to change here.
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 PAPER = {
     "vqav2": {"image_size": 480, "batch_size": 16, "epochs": 10, "learning_rate": 1e-4},
