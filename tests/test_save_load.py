@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import BlipForImageTextRetrieval
 
+import peft_cp
 from peft_cp import AuroraConfig, AuroraLayer
 from peft_cp.blip.configs import small_blip_config
 
@@ -158,3 +159,38 @@ def test_missing_factor_is_reported(tiny_retrieval, clone, tmp_path):
     with pytest.raises(ValueError, match=r"has no 'base_model.aurora_store.lam'"):
         PeftModel.from_pretrained(tiny_retrieval, tmp_path)
     assert_untouched(tiny_retrieval)
+
+
+def test_save_adapter_swaps_in_a_complete_adapter(tiny_retrieval, tmp_path):
+    model = save_trained_adapter(tiny_retrieval, tmp_path / "first", rank=4)
+    folder = tmp_path / "adapter"
+    peft_cp.save_adapter(model, folder)
+    first = (folder / WEIGHTS).read_bytes()
+
+    with torch.no_grad():
+        model.base_model.factor_store().lam.add_(1.0)
+    assert peft_cp.save_adapter(model, folder) == folder
+
+    assert (folder / WEIGHTS).read_bytes() != first
+    saved = load_file(folder / WEIGHTS)["base_model.aurora_store.lam"]
+    torch.testing.assert_close(saved, model.base_model.factor_store().lam.detach())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "first"]  # nothing left over
+
+
+def test_save_adapter_interrupted_keeps_the_previous_adapter(tiny_retrieval, tmp_path, monkeypatch):
+    model = save_trained_adapter(tiny_retrieval, tmp_path / "first", rank=4)
+    folder = tmp_path / "adapter"
+    peft_cp.save_adapter(model, folder)
+    before = (folder / WEIGHTS).read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 10)  # half a file, then the disk is full
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        peft_cp.save_adapter(model, folder)
+
+    assert (folder / WEIGHTS).read_bytes() == before
+    load_file(folder / WEIGHTS)  # still a valid file

@@ -8,6 +8,7 @@ from ._registration import register_method
 from .config import AuroraConfig
 from .layer import AuroraLayer, Linear
 from .model import AuroraModel, RowPlan, plan_rows
+from .saving import save_adapter
 from .store import AuroraFactorStore
 
 register_method(AuroraConfig, AuroraModel)
@@ -20,5 +21,6 @@ __all__ = [
     "Linear",
     "RowPlan",
     "plan_rows",
+    "save_adapter",
 ]
 __version__ = "0.1.0"

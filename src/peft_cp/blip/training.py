@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from ..saving import save_adapter
+
 logger = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -276,23 +278,6 @@ def _writable_full_parameters(module: nn.Module):
         yield
 
 
-def _save_best(model: PeftModel, output_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    # `save_pretrained` writes into its folder file by file; a crash halfway would leave a mix of
-    # two adapters. The new one is written to a sibling folder and swapped in by renames, so the
-    # previous best stays whole until the new one is complete.
-    final = output_dir / BEST
-    partial = final.with_name(final.name + ".partial")
-    previous = final.with_name(final.name + ".previous")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
-
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(partial, final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def _restore_best(accelerator: Accelerator, model: PeftModel, wrapped: nn.Module, folder: Path):
     file = folder / "adapter_model.safetensors"
     if not file.is_file():
@@ -453,7 +438,7 @@ def fit(
             k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
         }
         if improved and accelerator.is_main_process:
-            _save_best(model, output_dir, full_state)
+            save_adapter(model, output_dir / BEST, state_dict=full_state)
         optimizer_state = _optimizer_state(accelerator, wrapped, optimizer)
         if accelerator.is_main_process:
             adapter = get_peft_model_state_dict(
