@@ -9,24 +9,14 @@ factors of the plain step. OUT.json gets one report per rank.
 """
 
 import copy
-import gc
 import json
 import sys
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
-from transformers import BlipForImageTextRetrieval
+from common import INPUTS, leave_process_group, seeded_model
 
-from peft_cp import AuroraConfig
-from peft_cp.blip.configs import small_blip_config
-from peft_cp.blip.training import communication_threads
-
-INPUTS = {
-    "input_ids": torch.arange(3, 9)[None].repeat(2, 1),
-    "pixel_values": torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
-}
 CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 1,
@@ -41,10 +31,7 @@ def sgd(module):
 
 def compare() -> dict:
     """This rank's differences between the ZeRO-2 step and the plain one."""
-    torch.manual_seed(0)
-    model = get_peft_model(
-        BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
-    )
+    model = seeded_model()
     reference = copy.deepcopy(model)
     initial = {k: v.clone() for k, v in reference.base_model.factor_store().state_dict().items()}
 
@@ -78,10 +65,5 @@ if dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(reports, f)
 
-# With the engine gone with `compare` and DeepSpeed's own references released by its
-# destroy_process_group, nothing holds the group: its worker threads stop while Python can still
-# serve them.
-gc.collect()
-deepspeed.comm.destroy_process_group()
-if communication_threads():
-    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")
+# The engine is gone with `compare`; DeepSpeed's destroy also drops the groups it keeps itself.
+leave_process_group(deepspeed.comm.destroy_process_group)

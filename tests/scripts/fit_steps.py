@@ -10,13 +10,14 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from common import leave_process_group
 from peft import get_peft_model
 from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.retrieval import retrieval_losses
-from peft_cp.blip.training import TrainingArguments, communication_threads, finish_run, fit
+from peft_cp.blip.training import TrainingArguments, finish_run, fit
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
@@ -61,6 +62,4 @@ args = TrainingArguments(
 )
 fit(model, dataset, collate, loss_fn, args, accelerator)
 
-finish_run(accelerator)
-if communication_threads():
-    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")
+leave_process_group(lambda: finish_run(accelerator))

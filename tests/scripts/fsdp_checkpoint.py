@@ -10,7 +10,6 @@ the adapter and the scheduler with a new optimizer instead: its second step must
 comparison would not show that the moments came back. OUT_DIR/report.json gets one report per rank.
 """
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -19,30 +18,19 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
-from peft import get_peft_model
+from common import INPUTS, leave_process_group, seeded_model, shard
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from transformers import BlipForImageTextRetrieval
-from transformers.models.blip.modeling_blip import BlipEncoderLayer
-from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
-from peft_cp import AuroraConfig
-from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.training import (
     _load_checkpoint,
     _optimizer_state,
     _save_checkpoint,
     _writable_full_parameters,
-    communication_threads,
 )
 
 OUT = Path(sys.argv[1])
-INPUTS = {
-    "input_ids": torch.arange(3, 9)[None].repeat(2, 1),
-    "pixel_values": torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
-}
 ACCELERATOR = SimpleNamespace(distributed_type=DistributedType.FSDP)
 
 
@@ -61,16 +49,8 @@ class Prepared:
 
 def sharded_run():
     """A fresh sharded model, its AdamW (behind `Prepared`) and scheduler."""
-    torch.manual_seed(0)
-    model = get_peft_model(
-        BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
-    )
-    wrapped = FSDP(
-        model,
-        use_orig_params=True,
-        device_id=torch.device("cpu"),
-        auto_wrap_policy=ModuleWrapPolicy({BlipEncoderLayer, BlipTextLayer}),
-    )
+    model = seeded_model()
+    wrapped = shard(model)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     return model, wrapped, Prepared(optimizer), scheduler
@@ -138,7 +118,4 @@ dist.all_gather_object(reports, compare())
 if dist.get_rank() == 0:
     (OUT / "report.json").write_text(json.dumps(reports))
 
-gc.collect()
-dist.destroy_process_group()
-if communication_threads():
-    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")
+leave_process_group()

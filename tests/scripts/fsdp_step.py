@@ -8,28 +8,14 @@ equal those of a plain single-process step. OUT.json gets one report per rank.
 """
 
 import copy
-import gc
 import json
 import sys
 
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
+from common import INPUTS, leave_process_group, seeded_model, shard
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from transformers import BlipForImageTextRetrieval
-from transformers.models.blip.modeling_blip import BlipEncoderLayer
-from transformers.models.blip.modeling_blip_text import BlipTextLayer
-
-from peft_cp import AuroraConfig
-from peft_cp.blip.configs import small_blip_config
-from peft_cp.blip.training import communication_threads
-
-INPUTS = {
-    "input_ids": torch.arange(3, 9)[None].repeat(2, 1),
-    "pixel_values": torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
-}
 
 
 def step(module):
@@ -42,18 +28,10 @@ def step(module):
 
 def compare() -> dict:
     """This rank's differences between the sharded step and the plain one."""
-    torch.manual_seed(0)
-    model = get_peft_model(
-        BlipForImageTextRetrieval(small_blip_config()), AuroraConfig(rank=4, init_weights=False)
-    )
+    model = seeded_model()
     reference = copy.deepcopy(model)
     initial = {k: v.clone() for k, v in reference.base_model.factor_store().state_dict().items()}
-    sharded = FSDP(
-        model,
-        use_orig_params=True,
-        device_id=torch.device("cpu"),
-        auto_wrap_policy=ModuleWrapPolicy({BlipEncoderLayer, BlipTextLayer}),
-    )
+    sharded = shard(model)
     # Gradients are averaged over the 2 ranks, which see the same batch: the step equals the
     # plain one.
     sharded_output, reference_output = step(sharded), step(reference)
@@ -83,9 +61,4 @@ if dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(reports, f)
 
-# The FSDP units, gone with `compare`, were the last holders of the group: destroying it now stops
-# its worker threads while Python can still serve them.
-gc.collect()
-dist.destroy_process_group()
-if communication_threads():
-    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")
+leave_process_group()  # the FSDP units, its last holders, are gone with `compare`

@@ -12,13 +12,14 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from common import leave_process_group
 from peft import get_peft_model
 from transformers import BlipForImageTextRetrieval
 
 from peft_cp import AuroraConfig
 from peft_cp.blip.configs import small_blip_config
 from peft_cp.blip.retrieval import retrieval_losses
-from peft_cp.blip.training import communication_threads, finish_run
+from peft_cp.blip.training import finish_run
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
@@ -46,6 +47,4 @@ if accelerator.is_main_process:
     with open(sys.argv[1], "w") as f:
         json.dump({"itc": itc, "itm": itm, "world_size": accelerator.num_processes}, f)
 
-finish_run(accelerator)
-if communication_threads():
-    raise SystemExit(f"gloo threads outlive the process group: {communication_threads()}")
+leave_process_group(lambda: finish_run(accelerator))
