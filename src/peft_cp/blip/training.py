@@ -329,8 +329,9 @@ def fit(
     if args.resume and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise NotImplementedError(
             "resume is not supported yet under DeepSpeed: ZeRO shards the optimizer state across "
-            "processes and checkpoints hold the main process's share only. Use DDP or FSDP to "
-            "resume."
+            "processes, checkpoints hold the main process's share only, and that state holds "
+            "Python objects (its loss scaler) that weights-only loading refuses. Use DDP or FSDP "
+            "to resume."
         )
 
     if evaluate is not None and accelerator.distributed_type == DistributedType.FSDP:
