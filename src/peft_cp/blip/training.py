@@ -2,8 +2,10 @@
 
 AdamW on the trainable parameters, cosine decay to zero over the optimizer steps of the run, one
 checkpoint per epoch (adapter, optimizer, scheduler, progress) written atomically, `resume=True` to
-continue from the last complete one, and the best adapter by a validation metric saved with
-`save_pretrained` (also atomically), optionally loaded back into the model at the end.
+continue from the last complete one (under FSDP too: the sharded optimizer state is gathered
+whole), and the best adapter by a validation metric saved with `save_pretrained` (also
+atomically), optionally loaded back into the model at the end. `finish_run` ends a distributed
+run cleanly.
 """
 
 from __future__ import annotations
