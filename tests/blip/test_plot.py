@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 import torch
+from matplotlib.figure import Figure
 from peft import get_peft_model
 from PIL import Image
 from transformers import BertConfig, BertModel, BlipForImageTextRetrieval
@@ -19,6 +20,8 @@ from peft_cp.blip.plot import (
     CHART_PANEL_SIZE,
     PANEL_SIZE,
     SUMMARY_PANEL_SIZE,
+    BenchmarkRow,
+    _draw_benchmark,
     collect_attention_weights,
     main,
     read_benchmark,
@@ -239,6 +242,31 @@ def test_chart_adds_a_benchmark_panel(result_files, tmp_path):
     assert [row.name for row in read_benchmark(benchmark)] == ["full", "aurora r=64"]
     width, height = CHART_PANEL_SIZE
     assert png_size(out) == (round(3 * width * 100), round(height * 100))
+
+
+def test_benchmark_panel_gives_each_configuration_a_colour_and_a_legend_entry():
+    rows = [
+        BenchmarkRow("lora64", 10_616_832, 1.16, 1.18),
+        BenchmarkRow("lora128", 21_233_664, 1.22, 1.28),
+        BenchmarkRow("uni512", 18_800_000, 1.13, 1.13),
+    ]
+    axis = Figure().subplots()
+
+    _draw_benchmark(axis, rows)
+
+    labels = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert labels == [
+        "lora64",
+        "lora128",
+        "uni512",
+        "reference",
+        "relative time",
+        "relative memory",
+    ]
+    # Time (circle) and memory (square) of a configuration share its colour; no text beside points.
+    colors = [tuple(c.get_facecolor()[0][:3]) for c in axis.collections]
+    assert colors[0] == colors[1] and colors[2] == colors[3] and colors[0] != colors[2]
+    assert not axis.texts
 
 
 def test_chart_reads_what_the_benchmark_writes(tmp_path):
