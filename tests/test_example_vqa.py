@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import os
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -79,6 +81,26 @@ def test_vqa_demo_runs_end_to_end(tmp_path):
 
     submission = json.loads((tmp_path / "vqav2" / "vqa_submission.json").read_text())
     assert {entry["question_id"]: entry["answer"] for entry in submission} == predictions
+
+
+@pytest.mark.slow
+def test_two_process_demo_answers_every_question_once(tmp_path, launch_two_processes):
+    command = [*launch_two_processes, str(EXAMPLE), "--quick", "--output-dir", str(tmp_path)]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # one gloo group, not 2 alone
+
+    run = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    # The test questions are split over the processes, one more on one of them; the answers
+    # gathered back hold each question once.
+    questions = json.loads((tmp_path / "data" / "vqav2" / "vqa_test.json").read_text())
+    assert len(questions) % 2 == 1
+    submission = json.loads((tmp_path / "vqav2" / "vqa_submission.json").read_text())
+    assert sorted(entry["question_id"] for entry in submission) == sorted(
+        question["question_id"] for question in questions
+    )
+    assert (tmp_path / "msrvtt_qa" / "results.json").is_file()
+    assert "outlive the process group" not in run.stderr  # both processes left it cleanly
 
 
 @pytest.mark.slow
