@@ -19,9 +19,11 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import retrieval  # noqa: E402
 
+from peft_cp.blip.data import RetrievalEvalDataset  # noqa: E402
 from peft_cp.blip.demo import demo_vocabulary, word_tokenizer, write_shapes_dataset  # noqa: E402
 from peft_cp.blip.plot import read_result  # noqa: E402
 from peft_cp.blip.recipe import load_recipe_adapter  # noqa: E402
+from peft_cp.blip.retrieval import evaluate_retrieval  # noqa: E402
 
 
 def test_short_demo_writes_results_adapter_and_cases(tmp_path, caplog):
@@ -81,6 +83,26 @@ def test_two_process_demo_with_validation_file_and_accumulation(tmp_path, launch
     assert (tmp_path / "run" / "best_adapter" / "adapter_model.safetensors").is_file()
     assert run.stderr.count("trainable: ") == 1  # one process group: only its main process logs
     assert "outlive the process group" not in run.stderr  # both processes left it cleanly
+
+    # The recall the two processes report, each re-ranking half of the queries, is that of the
+    # saved adapter evaluated here in one process.
+    args = retrieval.parse_args(["--output-dir", str(tmp_path / "run")])  # the demo's settings
+    base = BlipForImageTextRetrieval.from_pretrained(tmp_path / "run" / "base_model")
+    model = load_recipe_adapter(base, tmp_path / "run" / "best_adapter")
+    data = tmp_path / "run" / "data"
+    test_set = RetrievalEvalDataset(
+        data / "test.json", data, retrieval.media_loaders(args)[1], benchmark=args.benchmark
+    )
+    tokenizer = word_tokenizer(demo_vocabulary())
+    metrics, _ = evaluate_retrieval(
+        model,
+        test_set,
+        tokenizer,
+        args.k_test,
+        torch.device("cpu"),
+        max_length=args.max_text_length,
+    )
+    assert metrics == pytest.approx(results["metrics"], abs=1e-9)
 
 
 @pytest.mark.slow
