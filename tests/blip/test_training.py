@@ -3,7 +3,9 @@ checkpoints, and how distributed runs end."""
 
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,6 +228,26 @@ def test_an_fsdp_checkpoint_resumes_the_sharded_optimizer(tmp_path, torchrun_two
         assert report["first_step_change"] > 1e-3 and report["second_step_change"] > 1e-3
         # Without AdamW's moments the second step goes elsewhere.
         assert report["restarted_difference"] > 1e-3
+
+
+@pytest.mark.parametrize("deepspeed_broken", [False, True], ids=["deepspeed", "broken_deepspeed"])
+def test_launched_processes_import_deepspeed_comm_before_the_group(deepspeed_broken):
+    pytest.importorskip("deepspeed")
+    lines = ["import sys"]
+    if deepspeed_broken:  # an install whose import fails must not stop the import of ours
+        lines.append("sys.modules['deepspeed.comm'] = None")
+    lines += [
+        "import peft_cp.blip.training",
+        "print(sys.modules.get('deepspeed.comm') is not None)",
+    ]
+    launched = {**os.environ, "WORLD_SIZE": "2"}
+
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, env=launched
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(not deepspeed_broken)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from /proc")

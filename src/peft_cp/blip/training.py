@@ -15,6 +15,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -49,8 +50,13 @@ BEST = "best_adapter"
 _WORLD_GROUP_DEFAULTS = {"torch.distributed.nn": "torch", "deepspeed.comm": "deepspeed"}
 if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
     for _module, _package in _WORLD_GROUP_DEFAULTS.items():
-        if importlib.util.find_spec(_package) is not None:
+        if importlib.util.find_spec(_package) is None:
+            continue
+        try:
             importlib.import_module(_module)
+        except Exception as error:  # a broken optional install must not stop runs without it
+            # Accelerate's logger needs its state, which does not exist yet at import.
+            logging.getLogger(__name__).debug("%s not imported early: %r", _module, error)
 
 
 @dataclass
