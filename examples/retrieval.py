@@ -120,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="Skip unreadable items.")
     parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     parser.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
+    parser.add_argument(
+        "--save-every-steps",
+        type=int,
+        metavar="N",
+        help="Also checkpoint every N optimizer steps (--resume continues inside the epoch).",
+    )
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -70,6 +70,7 @@ def test_two_process_demo_with_validation_file_and_accumulation(tmp_path, launch
         "--batch-size", "4",
         "--gradient-accumulation-steps", "2",
         "--val-file", str(validation),
+        "--save-every-steps", "1",
     ]  # fmt: skip
     # Without GPUs, --multi_gpu starts two torchrun processes; ACCELERATE_USE_CPU makes their
     # Accelerator join one gloo process group (otherwise each trains alone).
@@ -81,6 +82,8 @@ def test_two_process_demo_with_validation_file_and_accumulation(tmp_path, launch
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["best_epoch"] == 0 and results["best_epoch_picked_on"] == "validation"
     assert (tmp_path / "run" / "best_adapter" / "adapter_model.safetensors").is_file()
+    # Checkpoints inside the epoch (written by both processes together) gave way to its end's.
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch_0"]
     assert run.stderr.count("trainable: ") == 1  # one process group: only its main process logs
     assert "outlive the process group" not in run.stderr  # both processes left it cleanly
 

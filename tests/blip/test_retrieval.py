@@ -334,6 +334,51 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
 
 
 @pytest.mark.slow
+def test_run_interrupted_inside_an_epoch_resumes_to_the_same_adapter(tmp_path):
+    # 16 pairs in batches of 4: 4 steps an epoch, checkpoints inside epochs after steps 3 and 6.
+    # Each pair's matching negative is drawn from 3 others, so resuming needs the random state.
+    args = dict(epochs=2, batch_size=4, learning_rate=1e-2, seed=3, save_every_steps=3)
+    fit(
+        tiny_peft_retrieval(),
+        PairDataset(16),
+        collate,
+        loss_fn,
+        TrainingArguments(str(tmp_path / "a"), **args),
+        Accelerator(),
+    )
+
+    batches = []
+
+    def crash_at_the_eighth_batch(model, inputs):
+        batches.append(inputs)
+        if len(batches) == 8:
+            raise KeyboardInterrupt
+        return loss_fn(model, inputs)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            tiny_peft_retrieval(),
+            PairDataset(16),
+            collate,
+            crash_at_the_eighth_batch,
+            TrainingArguments(str(tmp_path / "b"), **args),
+            Accelerator(),
+        )
+    # The one inside epoch 0 gave way to that epoch's end.
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_0", "epoch_1_step_6"]
+
+    resumed = TrainingArguments(str(tmp_path / "b"), resume=True, **args)
+    result = fit(tiny_peft_retrieval(), PairDataset(16), collate, loss_fn, resumed, Accelerator())
+
+    assert result.steps == 8
+    expected = adapter_tensors(tmp_path / "a" / "best_adapter")
+    got = adapter_tensors(tmp_path / "b" / "best_adapter")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
 def test_two_processes_see_the_same_step_zero_loss(tmp_path, launch_two_processes):
     script = ROOT / "tests" / "scripts" / "step_zero_loss.py"
     single = subprocess.run(

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -65,7 +65,10 @@ class TrainingArguments:
 
     The gradient accumulation in force is the Accelerator's (its `gradient_accumulation_steps`
     argument, or a DeepSpeed config's); `gradient_accumulation_steps` here should match it, and
-    `fit` warns when it does not.
+    `fit` warns when it does not. Besides the checkpoint at the end of every epoch,
+    `save_every_steps` writes one every that many optimizer steps, from which `resume` continues
+    inside the epoch (only the latest of these is kept). That continuation is exact unless the
+    data loader draws random augmentations: the remaining batches then get other ones.
     """
 
     output_dir: str
@@ -81,6 +84,7 @@ class TrainingArguments:
     log_every: int = 10
     num_workers: int = 0
     max_steps: int | None = None
+    save_every_steps: int | None = None
 
     @classmethod
     def from_command_line(
@@ -88,7 +92,8 @@ class TrainingArguments:
     ) -> TrainingArguments:
         """The settings of the example scripts' shared options (`--epochs`, `--batch-size`,
         `--learning-rate`, `--weight-decay`, `--seed`, `--resume`, `--max-steps`,
-        `--num-workers`), with the Accelerator's gradient accumulation and mixed precision. The
+        `--save-every-steps`, `--num-workers`), with the Accelerator's gradient accumulation and
+        mixed precision. The
         offline demo (`args.demo`) loads its data in the main process.
         """
         return cls(
@@ -101,6 +106,7 @@ class TrainingArguments:
             seed=args.seed,
             resume=args.resume,
             max_steps=args.max_steps,
+            save_every_steps=args.save_every_steps,
             num_workers=0 if args.demo else args.num_workers,
             mixed_precision=accelerator.mixed_precision,
         )
@@ -141,11 +147,13 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     if not folder.is_dir():
         return None
     complete = [p for p in folder.iterdir() if (p / "trainer_state.json").is_file()]
-    return max(
-        complete,
-        key=lambda p: json.loads((p / "trainer_state.json").read_text())["epoch"],
-        default=None,
-    )
+    return max(complete, key=_checkpoint_order, default=None)
+
+
+def _checkpoint_order(folder: Path) -> tuple[int, int, bool]:
+    # The most optimizer steps wins; at equal steps an epoch's end beats a point inside it.
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return state["steps"], state["epoch"], state.get("batches_done") is None
 
 
 def _save_checkpoint(
@@ -154,10 +162,14 @@ def _save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     output_dir: Path,
     state: dict[str, Any],
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
     # Written to a temporary folder and renamed, so a crash mid-save leaves the last complete
     # checkpoint as it was.
-    final = output_dir / CHECKPOINTS / f"epoch_{state['epoch']}"
+    name = f"epoch_{state['epoch']}"
+    if state.get("batches_done") is not None:
+        name += f"_step_{state['steps']}"
+    final = output_dir / CHECKPOINTS / name
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -168,10 +180,17 @@ def _save_checkpoint(
     )
     torch.save(optimizer_state, partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    if rng_states is not None:
+        torch.save(rng_states, partial / "rng.pt")
     (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
+    # Checkpoints inside an epoch are there to lose less work; each one supersedes the older.
+    for older in final.parent.glob("epoch_*_step_*"):
+        if older != final and (older / "trainer_state.json").is_file():
+            if _checkpoint_order(older) < _checkpoint_order(final):
+                shutil.rmtree(older)
 
 
 def _load_checkpoint(
@@ -253,6 +272,62 @@ def _full_state_dicts(module: nn.Module, rank0_only: bool):
         FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
     ):
         yield
+
+
+def _write_checkpoint(
+    accelerator: Accelerator,
+    model: PeftModel,
+    wrapped: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    output_dir: Path,
+    state: dict[str, Any],
+    best: bool = False,
+) -> None:
+    """Write a checkpoint of `state` (with `best`, also the best adapter) from the main process.
+
+    Every process calls it: under FSDP the weights and the optimizer state are gathered, and a
+    checkpoint inside an epoch keeps every process's random state.
+    """
+    full_state = {
+        k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
+    }
+    if best and accelerator.is_main_process:
+        save_adapter(model, output_dir / BEST, state_dict=full_state)
+    optimizer_state = _optimizer_state(accelerator, wrapped, optimizer)
+    inside_epoch = state.get("batches_done") is not None
+    rng_states = gather_object([_rng_state()]) if inside_epoch else None
+
+    if accelerator.is_main_process:
+        adapter = get_peft_model_state_dict(
+            model, state_dict=full_state, adapter_name=model.active_adapter
+        )
+        state = {**state, "optimizer_layout": _optimizer_layout(accelerator)}
+        _save_checkpoint(adapter, optimizer_state, scheduler, output_dir, state, rng_states)
+    accelerator.wait_for_everyone()
+
+
+# Dropout and hard-negative sampling draw from torch's generators.
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(accelerator: Accelerator, folder: Path) -> None:
+    file = folder / "rng.pt"
+    states = torch.load(file, weights_only=True)
+    if len(states) != accelerator.num_processes:
+        logger.warning(
+            f"{file} holds the random state of {len(states)} processes, this run has "
+            f"{accelerator.num_processes}: sampling from here on differs from the interrupted run."
+        )
+        return
+    state = states[accelerator.process_index]
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _LossModule(nn.Module):
@@ -379,19 +454,20 @@ def fit(
     )
 
     result = FitResult()
-    start_epoch = 0
-    if args.resume:
-        checkpoint = _latest_checkpoint(output_dir)
-        if checkpoint is None:
-            logger.warning(f"resume: no checkpoint in {output_dir / CHECKPOINTS}; starting anew.")
+    start_epoch, batches_done = 0, 0
+    checkpoint = _latest_checkpoint(output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        logger.warning(f"resume: no checkpoint in {output_dir / CHECKPOINTS}; starting anew.")
+    if checkpoint is not None:
+        state = _load_checkpoint(accelerator, model, wrapped, optimizer, scheduler, checkpoint)
+        result.steps, result.history = state["steps"], state["history"]
+        result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+        if state.get("batches_done") is None:
+            start_epoch, where = state["epoch"] + 1, f"epoch {state['epoch']} done"
         else:
-            state = _load_checkpoint(accelerator, model, wrapped, optimizer, scheduler, checkpoint)
-            start_epoch, result.steps = state["epoch"] + 1, state["steps"]
-            result.history = state["history"]
-            result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
-            logger.info(
-                f"resumed from {checkpoint} (epoch {state['epoch']} done)", main_process_only=True
-            )
+            start_epoch, batches_done = state["epoch"], state["batches_done"]
+            where = f"epoch {start_epoch}, {batches_done} batches in"
+        logger.info(f"resumed from {checkpoint} ({where})", main_process_only=True)
 
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and result.steps >= args.max_steps:
@@ -411,11 +487,22 @@ def fit(
             )
         )
 
+        batches = len(loader)
+        resuming_inside = batches_done > 0
+        if resuming_inside:  # the same shuffle, less the batches already trained on
+            loader = accelerator.skip_first_batches(loader, batches_done)
+
         wrapped.train()
         progress = tqdm(
             loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process
         )
         for batch in progress:
+            if resuming_inside:
+                # The random state the checkpoint was written with, set once the loader has
+                # started (starting it draws a seed), for the first batch's dropout and sampling.
+                _restore_rng_state(accelerator, checkpoint)
+                resuming_inside = False
+            batches_done += 1
             with accelerator.accumulate(wrapped):
                 loss = wrapped(batch)
                 accelerator.backward(loss)
@@ -429,6 +516,15 @@ def fit(
                 progress.set_postfix(loss=f"{loss.item():.4f}")
                 if args.max_steps is not None and result.steps >= args.max_steps:
                     break
+                every = args.save_every_steps
+                if every and result.steps % every == 0 and batches_done < batches:
+                    # Inside the epoch only: its end writes a checkpoint of its own.
+                    state = {**asdict(result), "epoch": epoch, "batches_done": batches_done}
+                    state["args"] = asdict(args)
+                    _write_checkpoint(
+                        accelerator, model, wrapped, optimizer, scheduler, output_dir, state
+                    )
+        batches_done = 0
 
         metrics: dict[str, Any] = {"epoch": epoch, "steps": result.steps}
         if evaluate is not None:
@@ -442,25 +538,10 @@ def fit(
         if improved:
             result.best_metric, result.best_epoch = score, epoch
 
-        # Gathering the weights is collective (FSDP shards them); only the main process writes.
-        full_state = {
-            k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
-        }
-        if improved and accelerator.is_main_process:
-            save_adapter(model, output_dir / BEST, state_dict=full_state)
-        optimizer_state = _optimizer_state(accelerator, wrapped, optimizer)
-        if accelerator.is_main_process:
-            adapter = get_peft_model_state_dict(
-                model, state_dict=full_state, adapter_name=model.active_adapter
-            )
-            state = {
-                **asdict(result),
-                "epoch": epoch,
-                "args": asdict(args),
-                "optimizer_layout": _optimizer_layout(accelerator),
-            }
-            _save_checkpoint(adapter, optimizer_state, scheduler, output_dir, state)
-        accelerator.wait_for_everyone()
+        state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
+        _write_checkpoint(
+            accelerator, model, wrapped, optimizer, scheduler, output_dir, state, best=improved
+        )
 
     if restore_best:
         _restore_best(accelerator, model, wrapped, output_dir / BEST)
