@@ -333,43 +333,45 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
+# 16 pairs, 4 optimizer steps an epoch, checkpoints inside epochs after steps 3 and 6; the crash
+# comes after step 7. In batches of 4, each pair's matching negative is drawn from 3 others, so
+# resuming needs the random state; in batches of 2 with 2 accumulated, the optimizer steps span
+# two batches each.
 @pytest.mark.slow
-def test_run_interrupted_inside_an_epoch_resumes_to_the_same_adapter(tmp_path):
-    # 16 pairs in batches of 4: 4 steps an epoch, checkpoints inside epochs after steps 3 and 6.
-    # Each pair's matching negative is drawn from 3 others, so resuming needs the random state.
-    args = dict(epochs=2, batch_size=4, learning_rate=1e-2, seed=3, save_every_steps=3)
-    fit(
-        tiny_peft_retrieval(),
-        PairDataset(16),
-        collate,
-        loss_fn,
-        TrainingArguments(str(tmp_path / "a"), **args),
-        Accelerator(),
+@pytest.mark.parametrize(("batch_size", "accumulation", "crash_at"), [(4, 1, 8), (2, 2, 15)])
+def test_run_interrupted_inside_an_epoch_resumes_to_the_same_adapter(
+    tmp_path, batch_size, accumulation, crash_at
+):
+    args = dict(
+        epochs=2,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2,
+        seed=3,
+        save_every_steps=3,
     )
 
+    def train(folder, loss=loss_fn, resume=False):
+        arguments = TrainingArguments(str(tmp_path / folder), resume=resume, **args)
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+        return fit(tiny_peft_retrieval(), PairDataset(16), collate, loss, arguments, accelerator)
+
+    train("a")
     batches = []
 
-    def crash_at_the_eighth_batch(model, inputs):
+    def crash(model, inputs):
         batches.append(inputs)
-        if len(batches) == 8:
+        if len(batches) == crash_at:
             raise KeyboardInterrupt
         return loss_fn(model, inputs)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            tiny_peft_retrieval(),
-            PairDataset(16),
-            collate,
-            crash_at_the_eighth_batch,
-            TrainingArguments(str(tmp_path / "b"), **args),
-            Accelerator(),
-        )
+        train("b", loss=crash)
     # The one inside epoch 0 gave way to that epoch's end.
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0", "epoch_1_step_6"]
 
-    resumed = TrainingArguments(str(tmp_path / "b"), resume=True, **args)
-    result = fit(tiny_peft_retrieval(), PairDataset(16), collate, loss_fn, resumed, Accelerator())
+    result = train("b", resume=True)
 
     assert result.steps == 8
     expected = adapter_tensors(tmp_path / "a" / "best_adapter")
