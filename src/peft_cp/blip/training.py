@@ -274,37 +274,46 @@ def _full_state_dicts(module: nn.Module, rank0_only: bool):
         yield
 
 
-def _write_checkpoint(
-    accelerator: Accelerator,
-    model: PeftModel,
-    wrapped: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    output_dir: Path,
-    state: dict[str, Any],
-    best: bool = False,
-) -> None:
-    """Write a checkpoint of `state` (with `best`, also the best adapter) from the main process.
+@dataclass
+class _Run:
+    """What the steps of `fit` share once the model and the optimizer are prepared."""
 
-    Every process calls it: under FSDP the weights and the optimizer state are gathered, and a
-    checkpoint inside an epoch keeps every process's random state.
-    """
-    full_state = {
-        k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()
-    }
-    if best and accelerator.is_main_process:
-        save_adapter(model, output_dir / BEST, state_dict=full_state)
-    optimizer_state = _optimizer_state(accelerator, wrapped, optimizer)
-    inside_epoch = state.get("batches_done") is not None
-    rng_states = gather_object([_rng_state()]) if inside_epoch else None
+    accelerator: Accelerator
+    args: TrainingArguments
+    model: PeftModel
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    output_dir: Path
+    result: FitResult = field(default_factory=FitResult)
 
-    if accelerator.is_main_process:
-        adapter = get_peft_model_state_dict(
-            model, state_dict=full_state, adapter_name=model.active_adapter
-        )
-        state = {**state, "optimizer_layout": _optimizer_layout(accelerator)}
-        _save_checkpoint(adapter, optimizer_state, scheduler, output_dir, state, rng_states)
-    accelerator.wait_for_everyone()
+    def checkpoint(self, epoch: int, batches_done: int | None = None, best: bool = False) -> None:
+        """Checkpoint the run at the end of `epoch`, or `batches_done` batches into it (with
+        `best`, also save the best adapter). Every process calls it: under FSDP the weights and
+        the optimizer state are gathered, and inside an epoch each process's random state is
+        kept; the main process writes."""
+        accelerator, model = self.accelerator, self.model
+        state = {**asdict(self.result), "epoch": epoch, "args": asdict(self.args)}
+        if batches_done is not None:
+            state["batches_done"] = batches_done
+
+        full_state = {
+            k.removeprefix("model."): v for k, v in accelerator.get_state_dict(self.wrapped).items()
+        }
+        if best and accelerator.is_main_process:
+            save_adapter(model, self.output_dir / BEST, state_dict=full_state)
+        optimizer_state = _optimizer_state(accelerator, self.wrapped, self.optimizer)
+        rng_states = gather_object([_rng_state()]) if batches_done is not None else None
+
+        if accelerator.is_main_process:
+            adapter = get_peft_model_state_dict(
+                model, state_dict=full_state, adapter_name=model.active_adapter
+            )
+            state["optimizer_layout"] = _optimizer_layout(accelerator)
+            _save_checkpoint(
+                adapter, optimizer_state, self.scheduler, self.output_dir, state, rng_states
+            )
+        accelerator.wait_for_everyone()
 
 
 # Dropout and hard-negative sampling draw from torch's generators.
@@ -395,8 +404,8 @@ def fit(
     to `<output_dir>/best_adapter` (without `evaluate`, the last one is). With `restore_best`, that
     adapter is loaded back into `model` on every process before returning, so what follows
     evaluates the best epoch rather than the last. Each epoch starts from `seed + epoch` for
-    shuffling, dropout and sampling, so a resumed run ends with the same adapter as an
-    uninterrupted one.
+    shuffling, dropout and sampling, and checkpoints inside an epoch keep the random state, so a
+    resumed run ends with the same adapter as an uninterrupted one.
 
     The learning rate warms up linearly for `warmup_steps` and then follows a cosine to zero over
     the run's optimizer steps, counted with the Accelerator's gradient accumulation.
@@ -417,11 +426,6 @@ def fit(
             "to resume."
         )
 
-    if evaluate is not None and accelerator.distributed_type == DistributedType.FSDP:
-        # Evaluation calls submodules directly, which sharded parameters do not support.
-        evaluation_context = _full_parameters
-    else:
-        evaluation_context = _no_context
     parameters = [p for p in model.parameters() if p.requires_grad]
     base_optimizer = torch.optim.AdamW(
         parameters, lr=args.learning_rate, weight_decay=args.weight_decay
@@ -453,99 +457,133 @@ def fit(
         base_optimizer, lambda step: _cosine(step, total_steps, args.warmup_steps)
     )
 
-    result = FitResult()
-    start_epoch, batches_done = 0, 0
-    checkpoint = _latest_checkpoint(output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        logger.warning(f"resume: no checkpoint in {output_dir / CHECKPOINTS}; starting anew.")
-    if checkpoint is not None:
-        state = _load_checkpoint(accelerator, model, wrapped, optimizer, scheduler, checkpoint)
-        result.steps, result.history = state["steps"], state["history"]
-        result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
-        if state.get("batches_done") is None:
-            start_epoch, where = state["epoch"] + 1, f"epoch {state['epoch']} done"
-        else:
-            start_epoch, batches_done = state["epoch"], state["batches_done"]
-            where = f"epoch {start_epoch}, {batches_done} batches in"
-        logger.info(f"resumed from {checkpoint} ({where})", main_process_only=True)
+    run = _Run(accelerator, args, model, wrapped, optimizer, scheduler, output_dir)
+    start_epoch, batches_done, checkpoint = _resume(run) if args.resume else (0, 0, None)
 
     for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and result.steps >= args.max_steps:
+        if args.max_steps is not None and run.result.steps >= args.max_steps:
             break
-        set_seed(args.seed + epoch)
-        sampler = RandomSampler(
-            train_dataset, generator=torch.Generator().manual_seed(args.seed + epoch)
-        )
-        loader = accelerator.prepare(
-            DataLoader(
-                train_dataset,
-                batch_size=args.batch_size,
-                sampler=sampler,
-                collate_fn=collate_fn,
-                num_workers=args.num_workers,
-                drop_last=len(train_dataset) > args.batch_size * accelerator.num_processes,
-            )
-        )
-
-        batches = len(loader)
-        resuming_inside = batches_done > 0
-        if resuming_inside:  # the same shuffle, less the batches already trained on
-            loader = accelerator.skip_first_batches(loader, batches_done)
-
-        wrapped.train()
-        progress = tqdm(
-            loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process
-        )
-        for batch in progress:
-            if resuming_inside:
-                # The random state the checkpoint was written with, set once the loader has
-                # started (starting it draws a seed), for the first batch's dropout and sampling.
-                _restore_rng_state(accelerator, checkpoint)
-                resuming_inside = False
-            batches_done += 1
-            with accelerator.accumulate(wrapped):
-                loss = wrapped(batch)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                scheduler.step()
-                result.steps += 1
-                if result.steps % args.log_every == 0:
-                    logger.info(f"epoch {epoch} step {result.steps} loss {loss.item():.4f}")
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-                if args.max_steps is not None and result.steps >= args.max_steps:
-                    break
-                every = args.save_every_steps
-                if every and result.steps % every == 0 and batches_done < batches:
-                    # Inside the epoch only: its end writes a checkpoint of its own.
-                    state = {**asdict(result), "epoch": epoch, "batches_done": batches_done}
-                    state["args"] = asdict(args)
-                    _write_checkpoint(
-                        accelerator, model, wrapped, optimizer, scheduler, output_dir, state
-                    )
-        batches_done = 0
-
-        metrics: dict[str, Any] = {"epoch": epoch, "steps": result.steps}
-        if evaluate is not None:
-            with evaluation_context(wrapped):
-                metrics.update(evaluate(model))
-        result.history.append(metrics)
-        score = metrics.get(metric_key) if metric_key else None
-        improved = evaluate is None or (
-            score is not None and (result.best_metric is None or score > result.best_metric)
-        )
-        if improved:
-            result.best_metric, result.best_epoch = score, epoch
-
-        state = {**asdict(result), "epoch": epoch, "args": asdict(args)}
-        _write_checkpoint(
-            accelerator, model, wrapped, optimizer, scheduler, output_dir, state, best=improved
-        )
+        loader = _epoch_loader(accelerator, args, train_dataset, collate_fn, epoch)
+        _train_epoch(run, epoch, loader, batches_done, checkpoint if batches_done else None)
+        batches_done = 0  # only the first epoch of a resumed run starts inside
+        _end_epoch(run, epoch, evaluate, metric_key)
 
     if restore_best:
         _restore_best(accelerator, model, wrapped, output_dir / BEST)
-    return result
+    return run.result
+
+
+def _resume(run: _Run) -> tuple[int, int, Path | None]:
+    """Load the latest checkpoint into `run`; returns (the epoch to start, the batches of it
+    already done, the checkpoint), or (0, 0, None) when there is none."""
+    checkpoint = _latest_checkpoint(run.output_dir)
+    if checkpoint is None:
+        logger.warning(f"resume: no checkpoint in {run.output_dir / CHECKPOINTS}; starting anew.")
+        return 0, 0, None
+
+    state = _load_checkpoint(
+        run.accelerator, run.model, run.wrapped, run.optimizer, run.scheduler, checkpoint
+    )
+    result = run.result
+    result.steps, result.history = state["steps"], state["history"]
+    result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+    if state.get("batches_done") is None:
+        start, done, where = state["epoch"] + 1, 0, f"epoch {state['epoch']} done"
+    else:
+        start, done = state["epoch"], state["batches_done"]
+        where = f"epoch {start}, {done} batches in"
+    logger.info(f"resumed from {checkpoint} ({where})", main_process_only=True)
+    return start, done, checkpoint
+
+
+def _epoch_loader(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    dataset: Dataset,
+    collate_fn: Callable[[list], dict[str, Any]],
+    epoch: int,
+) -> DataLoader:
+    """The epoch's batches, shuffled from `seed + epoch`, which also seeds dropout and sampling."""
+    set_seed(args.seed + epoch)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed + epoch))
+    return accelerator.prepare(
+        DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=args.num_workers,
+            drop_last=len(dataset) > args.batch_size * accelerator.num_processes,
+        )
+    )
+
+
+def _train_epoch(
+    run: _Run,
+    epoch: int,
+    loader: DataLoader,
+    batches_done: int = 0,
+    resume_from: Path | None = None,
+) -> None:
+    """Train on `loader` from `batches_done` batches in (with the random state of `resume_from`),
+    checkpointing every `save_every_steps` optimizer steps; stop early at `max_steps`."""
+    accelerator, args, result = run.accelerator, run.args, run.result
+    batches = len(loader)
+    if batches_done:  # the same shuffle, less the batches already trained on
+        loader = accelerator.skip_first_batches(loader, batches_done)
+
+    run.wrapped.train()
+    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
+    for batch in progress:
+        if resume_from is not None:
+            # Set once the loader has started (starting it draws a seed), for the first batch's
+            # dropout and sampling.
+            _restore_rng_state(accelerator, resume_from)
+            resume_from = None
+        batches_done += 1
+        with accelerator.accumulate(run.wrapped):
+            loss = run.wrapped(batch)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+
+        run.scheduler.step()
+        result.steps += 1
+        if result.steps % args.log_every == 0:
+            logger.info(f"epoch {epoch} step {result.steps} loss {loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if args.max_steps is not None and result.steps >= args.max_steps:
+            return
+        every = args.save_every_steps
+        if every and result.steps % every == 0 and batches_done < batches:
+            run.checkpoint(epoch, batches_done)  # the epoch's end writes a checkpoint of its own
+
+
+def _end_epoch(
+    run: _Run,
+    epoch: int,
+    evaluate: Callable[[PeftModel], dict[str, float]] | None,
+    metric_key: str | None,
+) -> None:
+    """Evaluate, keep the best adapter, and checkpoint the epoch."""
+    accelerator, result = run.accelerator, run.result
+    metrics: dict[str, Any] = {"epoch": epoch, "steps": result.steps}
+    if evaluate is not None:
+        # Evaluation calls submodules directly, which sharded parameters do not support.
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        with (_full_parameters if sharded else _no_context)(run.wrapped):
+            metrics.update(evaluate(run.model))
+    result.history.append(metrics)
+
+    score = metrics.get(metric_key) if metric_key else None
+    improved = evaluate is None or (
+        score is not None and (result.best_metric is None or score > result.best_metric)
+    )
+    if improved:
+        result.best_metric, result.best_epoch = score, epoch
+    run.checkpoint(epoch, best=improved)
 
 
 def communication_threads() -> list[str]:
