@@ -1,9 +1,10 @@
-"""Saving an adapter all or nothing."""
+"""Saving an adapter, or any folder of files, all or nothing."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,23 @@ def save_adapter(model: PeftModel, folder: str | os.PathLike, **kwargs: Any) -> 
     Returns:
         The folder written.
     """
+    return write_folder_atomic(folder, lambda partial: model.save_pretrained(partial, **kwargs))
+
+
+def write_folder_atomic(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(partial)` to fill the fresh sibling folder `<folder>.partial`, then swap it in
+    for `folder` by renames. Until then `folder` keeps its previous contents whole (during the
+    swap itself, in `<folder>.previous`); a failing `write` leaves it untouched.
+
+    Returns:
+        The folder written.
+    """
     final = Path(folder)
     partial = final.with_name(final.name + ".partial")
     previous = final.with_name(final.name + ".previous")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, **kwargs)
+    partial.mkdir(parents=True)
+    write(partial)
 
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():

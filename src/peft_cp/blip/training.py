@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from ..saving import save_adapter
+from ..saving import save_adapter, write_folder_atomic
 
 logger = get_logger(__name__)
 
@@ -93,8 +93,7 @@ class TrainingArguments:
         """The settings of the example scripts' shared options (`--epochs`, `--batch-size`,
         `--learning-rate`, `--weight-decay`, `--seed`, `--resume`, `--max-steps`,
         `--save-every-steps`, `--num-workers`), with the Accelerator's gradient accumulation and
-        mixed precision. The
-        offline demo (`args.demo`) loads its data in the main process.
+        mixed precision. The offline demo (`args.demo`) loads its data in the main process.
         """
         return cls(
             output_dir=str(output_dir),
@@ -164,28 +163,21 @@ def _save_checkpoint(
     state: dict[str, Any],
     rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
-    # Written to a temporary folder and renamed, so a crash mid-save leaves the last complete
-    # checkpoint as it was.
     name = f"epoch_{state['epoch']}"
     if state.get("batches_done") is not None:
         name += f"_step_{state['steps']}"
-    final = output_dir / CHECKPOINTS / name
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
 
-    save_file(
-        {k: v.detach().cpu().clone() for k, v in adapter.items()},
-        partial / "adapter.safetensors",
-    )
-    torch.save(optimizer_state, partial / "optimizer.pt")
-    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-    if rng_states is not None:
-        torch.save(rng_states, partial / "rng.pt")
-    (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    def write(folder: Path) -> None:
+        tensors = {k: v.detach().cpu().clone() for k, v in adapter.items()}
+        save_file(tensors, folder / "adapter.safetensors")
+        torch.save(optimizer_state, folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        if rng_states is not None:
+            torch.save(rng_states, folder / "rng.pt")
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    # A crash mid-save leaves the last complete checkpoint as it was.
+    final = write_folder_atomic(output_dir / CHECKPOINTS / name, write)
     # Checkpoints inside an epoch are there to lose less work; each one supersedes the older.
     for older in final.parent.glob("epoch_*_step_*"):
         if older != final and (older / "trainer_state.json").is_file():
