@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
-from .functional import add_low_rank_
+from .functional import add_cp_update_, merged_cp_linear, merged_weight
 from .store import AuroraFactorStore
 
 
@@ -79,8 +80,11 @@ class Linear(nn.Module, AuroraLayer):
     When the adapter's store has `fast_path` on (the default), x V comes from the store's
     per-input cache (shared with the other layers reading the same tensor; not when an active
     dropout gives this layer its own input) and (x V) up^T is accumulated into the base output in
-    place (`peft_cp.functional.add_low_rank_`). With `fast_path` off, every layer computes the
-    plain reference expression; both give the same values and gradients.
+    place, as one autograd node per adapter (`peft_cp.functional.add_cp_update_`). A layer
+    whose input has at least as many tokens as features runs on its weight plus the update
+    instead, materialised for the call (`peft_cp.functional.merged_cp_linear`), which is then
+    cheaper; see `merge_when_cheaper` of the store. With `fast_path` off, every layer computes the
+    plain reference expression; all paths give the same values and gradients.
     """
 
     def __init__(
@@ -143,6 +147,8 @@ class Linear(nn.Module, AuroraLayer):
         }
         if not all(store.fast_path for store in stores.values()):
             return self._reference_forward(x, stores, *args, **kwargs)
+        if not args and not kwargs and self._merging_is_cheaper(x, stores):
+            return self._merged_forward(x, stores)
 
         # The base layer sees the input flattened to (T, in_features), so that its output is a
         # fresh 2-D tensor and not a view: adding into a view in place would make autograd route
@@ -151,10 +157,68 @@ class Linear(nn.Module, AuroraLayer):
         result = self.base_layer(x.reshape(-1, self.in_features), *args, **kwargs)  # (T, S*d_out)
         for name, store in stores.items():
             d_out, d_in = self._slice_shape(name)
-            # (S*d_out, R): the S slices' up-projections, applied by one matmul
-            up = store.up_weight(self.aurora_rows[name], d_out, self.aurora_scale[name])
             hidden = self._fast_down_projection(name, x, d_in)  # (..., R), shared with others
-            result = add_low_rank_(result, hidden.reshape(-1, store.rank), up)
+            # The S slices' up-projections are applied by one matmul.
+            result = add_cp_update_(
+                result,
+                hidden.reshape(-1, store.rank),
+                store.U(d_out),
+                store.coefficients(self.aurora_rows[name]),  # (S, R)
+                self.aurora_scale[name],
+            )
+        return result.view(*x.shape[:-1], self.out_features)
+
+    def _merging_is_cheaper(self, x: torch.Tensor, stores: dict[str, AuroraFactorStore]) -> bool:
+        """Whether this call runs on W + dW, materialised for it, instead of per token.
+
+        Per token the update costs S*d_out*R multiply-adds (plus d_in*R for x V, which training
+        needs either way), materialising it S*d_out*d_in*R: from as many tokens as input
+        features on (a vision encoder's patch tokens, cross-attention over image tokens, long
+        texts), materialising is cheaper. Only for a plain `nn.Linear` base that is frozen, with
+        no active dropout and when the store allows it (`merge_when_cheaper`); under autograd,
+        for one active adapter.
+        """
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear:
+            return False
+        if torch.is_grad_enabled():
+            frozen = not any(p is not None and p.requires_grad for p in (base.weight, base.bias))
+            if not frozen or len(stores) != 1:
+                return False
+        for name, store in stores.items():
+            dropout = self.aurora_dropout[name]
+            if not store.merge_when_cheaper or (
+                isinstance(dropout, nn.Dropout) and dropout.training
+            ):
+                return False
+        return x.numel() // self.in_features >= self.in_features
+
+    def _merged_forward(
+        self, x: torch.Tensor, stores: dict[str, AuroraFactorStore]
+    ) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not torch.is_grad_enabled():
+            weight = base.weight
+            for name, store in stores.items():
+                d_out, d_in = self._slice_shape(name)
+                coefficients = store.coefficients(self.aurora_rows[name])
+                scale = self.aurora_scale[name]
+                weight = merged_weight(weight, store.U(d_out), coefficients, store.V(d_in), scale)
+            return F.linear(x, weight, base.bias)
+
+        ((name, store),) = stores.items()
+        d_out, d_in = self._slice_shape(name)
+        hidden = self._fast_down_projection(name, x, d_in)  # x V, needed by the backward
+        result = merged_cp_linear(
+            x.reshape(-1, self.in_features),
+            base.weight,
+            base.bias,
+            hidden.reshape(-1, store.rank),
+            store.U(d_out),
+            store.coefficients(self.aurora_rows[name]),
+            store.V(d_in),
+            self.aurora_scale[name],
+        )
         return result.view(*x.shape[:-1], self.out_features)
 
     def _reference_forward(
