@@ -21,17 +21,21 @@ Configurations:
     full       every weight trained.
 
 Inference (forward of both heads under `torch.no_grad`) compares the base model with Aurora
-rank 128 unmerged and merged into the weights (`merge_and_unload`).
+rank 128 unmerged (by default, layers with at least as many tokens as input features run on their
+weight plus its update, materialised per call; also shown with that turned off, "per token") and
+merged into the weights (`merge_and_unload`).
 
     python benchmarks/train_step.py --out benchmarks/results            # CPU default
     python benchmarks/train_step.py --quick                             # smoke test
     python benchmarks/train_step.py --device cuda --dtype bf16 --image-size 384 --batch 16
+    python benchmarks/train_step.py --flops-only --image-size 384 --batch 16   # its arithmetic
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import random
@@ -236,28 +240,49 @@ def count_flops(job: Callable[[], None]) -> int:
 def measure_training(
     args: argparse.Namespace,
 ) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
-    """Median step seconds, tunable values and matmul FLOPs per step, by configuration."""
+    """Median step seconds, tunable values and matmul FLOPs per step, by configuration.
+
+    With `--flops-only` the configurations are built one at a time and nothing is timed, so that
+    large settings fit in memory.
+    """
     base = build_base(args)
     batch = make_batch(args, base.config)
+    if args.flops_only:
+        tunable, flops = {}, {}
+        for name in args.configs:
+            setup = build_setup(name, copy.deepcopy(base))
+            tunable[name] = setup.tunable
+            flops[name] = count_flops(functools.partial(train_step, setup, batch))
+            logger.info("%s: %.1f GFLOP", name, flops[name] / 1e9)
+            del setup
+        return {}, tunable, flops
+
     setups = {name: build_setup(name, copy.deepcopy(base)) for name in args.configs}
     del base
-
     jobs = {name: (lambda s=setup: train_step(s, batch)) for name, setup in setups.items()}
     flops = {name: count_flops(job) for name, job in jobs.items()}
     medians = interleaved_medians(jobs, args, "training")
     return medians, {name: setup.tunable for name, setup in setups.items()}, flops
 
 
-def measure_inference(args: argparse.Namespace) -> dict[str, float]:
+def measure_inference(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, int]]:
+    """Median forward seconds and matmul FLOPs: base, Aurora rank 128 unmerged and merged.
+
+    "unmerged" is the default (layers with at least as many tokens as features run on their
+    weight plus its update, materialised per call); "unmerged, per token" turns that off.
+    """
     base = build_base(args).eval()
     batch = make_batch(args, base.config)
     unmerged = get_peft_model(
         copy.deepcopy(base), peft_cp.AuroraConfig(rank=128, init_weights=False)
     )
+    per_token = copy.deepcopy(unmerged)
+    per_token.base_model.factor_store().merge_when_cheaper = False
     merged = copy.deepcopy(unmerged).merge_and_unload()
     models = {
         "base": base,
         "aurora128 unmerged": unmerged.get_base_model().eval(),
+        "aurora128 unmerged, per token": per_token.get_base_model().eval(),
         "aurora128 merged": merged.eval(),
     }
 
@@ -266,7 +291,9 @@ def measure_inference(args: argparse.Namespace) -> dict[str, float]:
             heads(model, batch)
 
     jobs = {name: (lambda m=model: forward(m)) for name, model in models.items()}
-    return interleaved_medians(jobs, args, "inference")
+    flops = {name: count_flops(job) for name, job in jobs.items()}
+    medians = {} if args.flops_only else interleaved_medians(jobs, args, "inference")
+    return medians, flops
 
 
 def _rss_kib(field: str) -> int:
@@ -341,11 +368,12 @@ def report(
     memory: dict[str, dict[str, float]],
     inference: dict[str, float],
     flops: dict[str, int] | None = None,
+    inference_flops: dict[str, int] | None = None,
 ) -> tuple[dict, str]:
-    flops = flops or {}
+    """The JSON result and the Markdown tables; a missing time or memory figure reads "n/a"."""
+    flops, inference_flops = flops or {}, inference_flops or {}
     floor_memory = memory.get("floor", {}).get("peak_mib")
     reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
-    floor_step = memory.get("floor", {}).get("step_mib")
 
     rows = []
     for name in args.configs:
@@ -354,9 +382,9 @@ def report(
             {
                 "config": name,
                 "tunable": tunable[name],
-                "step_s": times[name],
-                "time_vs_floor": relative(times[name], times.get("floor")),
-                "time_vs_uni512": relative(times[name], times.get(REFERENCE)),
+                "step_s": times.get(name),
+                "time_vs_floor": relative(times.get(name), times.get("floor")),
+                "time_vs_uni512": relative(times.get(name), times.get(REFERENCE)),
                 "matmul_gflop": flops[name] / 1e9 if name in flops else None,
                 "flops_vs_floor": relative(flops.get(name), flops.get("floor")),
                 **memory.get(name, {}),
@@ -365,6 +393,43 @@ def report(
             }
         )
 
+    lines = _training_table(rows, times, flops) if times else _flops_table(rows, flops)
+    inference_rows = []
+    for name in inference_flops or inference:
+        seconds, forward_flops = inference.get(name), inference_flops.get(name)
+        inference_rows.append(
+            {
+                "model": name,
+                "forward_s": seconds,
+                "time_vs_base": relative(seconds, inference.get("base")),
+                "matmul_gflop": forward_flops / 1e9 if forward_flops is not None else None,
+                "flops_vs_base": relative(forward_flops, inference_flops.get("base")),
+            }
+        )
+    if inference_rows:
+        lines += [
+            "",
+            "| inference | forward (median s) | time / base | matmul FLOPs / base |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in inference_rows:
+            seconds = row["forward_s"]
+            lines.append(
+                f"| {row['model']} | {f'{seconds:.3f}' if seconds is not None else 'n/a'} "
+                f"| {ratio(seconds, inference.get('base'))} "
+                f"| {ratio(inference_flops.get(row['model']), inference_flops.get('base'))} |"
+            )
+
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("out", "memory_probe", "quick", "verbose")
+    }
+    result = {"settings": settings, "training": rows, "inference": inference_rows}
+    return result, "\n".join(lines)
+
+
+def _training_table(rows: list[dict], times: dict[str, float], flops: dict[str, int]) -> list[str]:
+    memory = {row["config"]: row.get("peak_mib") for row in rows}
+    step_memory = {row["config"]: row.get("step_mib") for row in rows}
     lines = [
         "| config | #tunable | step (median s) | time / floor | matmul FLOPs / floor "
         "| time / UniAdapter-512 | peak memory (MiB) | memory / floor | memory / UniAdapter-512 "
@@ -372,26 +437,33 @@ def report(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        peak, step = row.get("peak_mib"), row.get("step_mib")
+        name, peak, step = row["config"], row.get("peak_mib"), row.get("step_mib")
         lines.append(
-            f"| {row['config']} | {row['tunable']:,} | {row['step_s']:.3f} "
-            f"| {ratio(row['step_s'], times.get('floor'))} "
-            f"| {ratio(flops.get(row['config']), flops.get('floor'))} "
-            f"| {ratio(row['step_s'], times.get(REFERENCE))} "
-            f"| {f'{peak:.0f}' if peak is not None else 'n/a'} | {ratio(peak, floor_memory)} "
-            f"| {ratio(peak, reference_memory)} | {f'{step:.0f}' if step is not None else 'n/a'} "
-            f"| {ratio(step, floor_step)} |"
+            f"| {name} | {row['tunable']:,} | {times[name]:.3f} "
+            f"| {ratio(times[name], times.get('floor'))} "
+            f"| {ratio(flops.get(name), flops.get('floor'))} "
+            f"| {ratio(times[name], times.get(REFERENCE))} "
+            f"| {f'{peak:.0f}' if peak is not None else 'n/a'} "
+            f"| {ratio(peak, memory.get('floor'))} | {ratio(peak, memory.get(REFERENCE))} "
+            f"| {f'{step:.0f}' if step is not None else 'n/a'} "
+            f"| {ratio(step, step_memory.get('floor'))} |"
         )
-    if inference:
-        lines += ["", "| inference | forward (median s) | / base |", "|---|---:|---:|"]
-        for name, seconds in inference.items():
-            lines.append(f"| {name} | {seconds:.3f} | {ratio(seconds, inference['base'])} |")
+    return lines
 
-    settings = {
-        k: v for k, v in vars(args).items() if k not in ("out", "memory_probe", "quick", "verbose")
-    }
-    result = {"settings": settings, "training": rows, "inference": inference}
-    return result, "\n".join(lines)
+
+def _flops_table(rows: list[dict], flops: dict[str, int]) -> list[str]:
+    lines = [
+        "| config | #tunable | matmul GFLOP per step | FLOPs / floor | FLOPs / UniAdapter-512 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        name = row["config"]
+        lines.append(
+            f"| {name} | {row['tunable']:,} | {flops[name] / 1e9:.1f} "
+            f"| {ratio(flops[name], flops.get('floor'))} "
+            f"| {ratio(flops[name], flops.get(REFERENCE))} |"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -406,6 +478,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference timing")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs (one step per configuration) without timing or memory: the arithmetic "
+        "of a configuration too slow to time here, e.g. the GPU one on a CPU",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 64 px, batch 2, 1 + 1 rounds, 4 configs"
     )
@@ -439,9 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     times, tunable, flops = measure_training(args)
-    inference = {} if args.no_inference else measure_inference(args)
-    memory = {} if args.no_memory else measure_memory(args)
-    result, table = report(args, times, tunable, memory, inference, flops)
+    inference, inference_flops = ({}, {}) if args.no_inference else measure_inference(args)
+    memory = {} if args.no_memory or args.flops_only else measure_memory(args)
+    result, table = report(args, times, tunable, memory, inference, flops, inference_flops)
 
     print(table)
     if args.out is not None:
