@@ -22,7 +22,7 @@ DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["fp32", "bf16"]
 def adapted(base, clone, dtype=torch.float32, **config):
     """Two identical Aurora models of `base`: (fast path, reference path)."""
     torch.manual_seed(0)
-    config = {"rank": 4, "init_weights": False, **config}
+    config = {"rank": 4, "init_weights": False, "scale": 0.5, **config}  # scale: its paths too
     fast = get_peft_model(clone(base).to(dtype), AuroraConfig(**config))
     reference = clone(fast)
     reference.base_model.factor_store().fast_path = False
@@ -52,16 +52,12 @@ def assert_same_outputs_and_gradients(fast, reference, inputs, dtype):
     assert fast_grads.keys() == ref_grads.keys()
     fast_grads["pixel_values"], ref_grads["pixel_values"] = fast_pixel_grad, ref_pixel_grad
     for name in ref_grads:
-        # Gradients sum over every token and layer, or are tiny (the pixels'), so they are
-        # compared relative to their size.
+        # Gradients sum over every token and layer, or are tiny (the pixels'), so each element
+        # is compared to the tensor's largest (a merged weight rounds differently: ~2e-6 in fp32).
         scale = ref_grads[name].abs().max().item()
-        tolerance = TOLERANCES[dtype]
+        rtol = TOLERANCES[dtype]["rtol"]
         torch.testing.assert_close(
-            fast_grads[name],
-            ref_grads[name],
-            rtol=tolerance["rtol"],
-            atol=tolerance["atol"] * scale,
-            msg=name,
+            fast_grads[name], ref_grads[name], rtol=rtol, atol=rtol * scale, msg=name
         )
 
 
@@ -112,9 +108,9 @@ def test_inputs_read_by_several_layers_are_projected_once(
 def test_layers_with_many_tokens_run_merged_and_match_the_reference(
     retrieval_inputs, clone, dtype, mode, monkeypatch
 ):
-    # Vision and text width 32: the 2 x 17 image tokens reach it, the 2 x 7 text tokens do not.
+    # Widths 16: the 2 x 17 image tokens reach twice the width, the 2 x 7 text tokens do not.
     torch.manual_seed(0)
-    base = BlipForImageTextRetrieval(small_blip_config(vision_width=32)).eval()
+    base = BlipForImageTextRetrieval(small_blip_config(vision_width=16, text_width=16)).eval()
     fast, reference = adapted(base, clone, dtype)
     inputs = {**retrieval_inputs, "pixel_values": retrieval_inputs["pixel_values"].to(dtype)}
     weights_before = {n: p.clone() for n, p in fast.named_parameters()}
@@ -143,7 +139,7 @@ def test_layers_with_many_tokens_run_merged_and_match_the_reference(
         torch.testing.assert_close(output, expected, **TOLERANCES[dtype])
 
     widths = {name: fast.get_submodule(name).in_features for name in tokens}
-    assert merged == {name for name in tokens if tokens[name] >= widths[name]}
+    assert merged == {name for name in tokens if tokens[name] >= 2 * widths[name]}
     assert any("qkv" in name for name in merged) and any("crossattention" in n for n in merged)
     assert any(name not in merged for name in tokens)  # the text layers stay per token
     for name, parameter in fast.named_parameters():  # the base weights were copied, not changed
@@ -306,7 +302,7 @@ def test_in_place_update_never_goes_through_a_view(shape):
         torch.nn.Sequential(torch.nn.Linear(5, 6)),
         AuroraConfig(rank=2, target_modules=["0"], init_weights=False),
     )
-    model.base_model.factor_store().merge_when_cheaper = False  # 6 tokens would reach width 5
+    model.base_model.factor_store().merge_when_cheaper = False  # 6 tokens: more than width 5
     x = torch.randn(shape)
 
     output = model(x)

@@ -25,10 +25,10 @@ class AuroraFactorStore(nn.Module):
     Fast path: `down_project` computes x V once per input tensor, however many adapted matrices
     read that input (BLIP's text query, key and value read one `hidden_states`; cross-attention
     keys and values read one image-token tensor), so their forward matmul, the gradient of V and
-    the input gradient through V are each computed once. A layer whose input has at least as
-    many tokens as features computes its forward on a temporary copy of its weight plus its update
-    instead (`merge_when_cheaper`; the base weight itself is never touched; the backward is the
-    same). Set `fast_path = False` to run every layer through the plain reference computation.
+    the input gradient through V are each computed once. A layer whose input has at least twice
+    as many tokens as features computes its forward on a temporary copy of its weight plus its
+    update instead (`merge_when_cheaper`; the base weight itself is never touched; the backward is
+    the same). Set `fast_path = False` to run every layer through the plain reference computation.
 
     Args:
         rank: Number R of CP components.
