@@ -314,3 +314,31 @@ def test_in_place_update_never_goes_through_a_view(shape):
     layer = model.base_model.model[0]
     expected = layer.base_layer(x) + x @ layer.get_delta_weight("default").T
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hooked_base_layer_is_never_bypassed(monkeypatch):
+    # Hooks run only when the base layer does; an Accelerate offloading hook brings its weight in.
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(5, 6)),
+        AuroraConfig(rank=2, target_modules=["0"], init_weights=False),
+    )
+    layer = model.base_model.model[0]
+    x = torch.randn(20, 5)  # four times the width: merged unless hooked
+    merged_calls, hook_calls = [], []
+    merged_forward = AuroraLinear._merged_forward
+    monkeypatch.setattr(
+        AuroraLinear,
+        "_merged_forward",
+        lambda *args: merged_calls.append(1) or merged_forward(*args),
+    )
+
+    with torch.no_grad():
+        expected = layer.base_layer(x) + x @ layer.get_delta_weight("default").T
+        unhooked = model(x)
+        layer.base_layer.register_forward_hook(lambda *_: hook_calls.append(1))
+        hooked = model(x)
+
+    assert merged_calls == [1] and hook_calls == [1]
+    torch.testing.assert_close(unhooked, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-6)

@@ -179,11 +179,14 @@ class Linear(nn.Module, AuroraLayer):
         qkv, rank 128, 2-core CPU), both cost the same at d_in tokens and materialising is 15 %
         faster at 4 d_in, so it is chosen from `merge_tokens_per_feature` * d_in tokens on (a
         vision encoder's patch tokens or cross-attention over the image tokens of a large
-        batch). Only for a plain `nn.Linear` base that is frozen, with no active dropout and
-        when the store allows it (`merge_when_cheaper`); under autograd, for one adapter.
+        batch). Only for a plain `nn.Linear` base that is frozen and that nothing hooks into (an
+        Accelerate offloading hook brings its weight in only when it runs), with no active
+        dropout and when the store allows it (`merge_when_cheaper`); under autograd, for one
+        adapter.
         """
         base = self.get_base_layer()
-        if type(base) is not nn.Linear:
+        hooked = base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+        if type(base) is not nn.Linear or hooked:
             return False
         if torch.is_grad_enabled():
             frozen = not any(p is not None and p.requires_grad for p in (base.weight, base.bias))
