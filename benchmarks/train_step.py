@@ -16,6 +16,8 @@ Configurations:
                one the text embeddings, so backward still crosses every layer. The cost any
                adapter of these layers must at least pay.
     aurora64, aurora128     `peft_cp.AuroraConfig(rank=r)` on BLIP's default targets.
+    aurora64-per-token, aurora128-per-token     the same with every layer computed per token
+               (`merge_when_cheaper` off); only when named in --configs.
     lora64, lora128         PEFT LoRA of rank r (alpha = r) on the same targets.
     uni128, uni512          UniAdapter of bottleneck r (`benchmarks/uniadapter.py`).
     full       every weight trained.
@@ -64,6 +66,9 @@ logger = logging.getLogger("train_step")
 TARGETS = ["qkv", "query", "key", "value"]
 ALL_CONFIGS = ["floor", "aurora64", "aurora128", "lora64", "lora128", "uni128", "uni512", "full"]
 QUICK_CONFIGS = ["floor", "aurora128", "lora128", "uni512"]
+# On request only: Aurora with every layer computed per token (`merge_when_cheaper` off).
+PER_TOKEN_CONFIGS = ["aurora64-per-token", "aurora128-per-token"]
+KNOWN_CONFIGS = ALL_CONFIGS + PER_TOKEN_CONFIGS
 REFERENCE = "uni512"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,7 +114,9 @@ def build_setup(name: str, base: BlipForImageTextRetrieval, lr: float = 1e-4) ->
         base.text_encoder.embeddings.register_forward_hook(_scale_output(scalars[1]))
     elif name.startswith("aurora"):
         # The factor store belongs to the PEFT wrapper, not to the adapted BLIP modules.
-        owner = get_peft_model(base, peft_cp.AuroraConfig(rank=int(name[6:])))
+        rank = int(name[6:].removesuffix("-per-token"))
+        owner = get_peft_model(base, peft_cp.AuroraConfig(rank=rank))
+        owner.base_model.factor_store().merge_when_cheaper = not name.endswith("-per-token")
     elif name.startswith("lora"):
         rank = int(name[4:])
         lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS)
@@ -120,7 +127,7 @@ def build_setup(name: str, base: BlipForImageTextRetrieval, lr: float = 1e-4) ->
     elif name == "full":
         base.requires_grad_(True)
     else:
-        raise ValueError(f"unknown configuration {name!r}; choose from {ALL_CONFIGS}.")
+        raise ValueError(f"unknown configuration {name!r}; choose from {KNOWN_CONFIGS}.")
 
     params = [p for p in owner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -475,7 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--steps", type=int, default=5, help="measured rounds (median)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset")
+    parser.add_argument(
+        "--configs", default=None, help=f"comma-separated; default: {','.join(ALL_CONFIGS)}"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference timing")
     parser.add_argument(
@@ -485,19 +494,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of a configuration too slow to time here, e.g. the GPU one on a CPU",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke test: 64 px, batch 2, 1 + 1 rounds, 4 configs"
+        "--quick",
+        action="store_true",
+        help="smoke test: 64 px, batch 2, 1 + 1 rounds, 4 configs unless --configs names others",
     )
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json/.md")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.configs is None:
+        args.configs = ",".join(QUICK_CONFIGS if args.quick else ALL_CONFIGS)
     if args.quick:
-        args.warmup, args.steps, args.configs = 1, 1, ",".join(QUICK_CONFIGS)
+        args.warmup, args.steps = 1, 1
         args.image_size, args.batch = 64, 2
     args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = sorted(set(args.configs) - set(ALL_CONFIGS))
+    unknown = sorted(set(args.configs) - set(KNOWN_CONFIGS))
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; choose from {ALL_CONFIGS}.")
+        parser.error(f"--configs: unknown {unknown}; choose from {KNOWN_CONFIGS}.")
     return args
 
 
