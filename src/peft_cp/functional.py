@@ -1,7 +1,7 @@
 """Autograd pieces of Aurora's fast path: the CP update of one adapted linear layer.
 
 An adapted layer of S stacked slices (S = 3 for a fused qkv) adds, for slice s,
-``h diag(c_s) U^T`` with ``h = x V`` and ``c_s = scale * lam * P[k_s]``. Written with plain
+``scale * h diag(c_s) U^T`` with ``h = x V`` and ``c_s = lam * P[k_s]``. Written with plain
 tensor ops, the reference computation builds ``up = [U diag(c_1); ...; U diag(c_S)]``
 (S*d_out x R) through a chain of broadcasts whose backward is as many reductions, then allocates
 ``h up^T`` and a second output of the same size for the sum. Here each layer's update is one
@@ -10,13 +10,14 @@ autograd node that saves only h (T x R), U and the coefficients (S x R), in one 
 - `add_cp_update_` adds ``h up^T`` into the buffer the base matmul just returned, inside the GEMM
   (beta = 1): S*d_out*R multiply-adds per token.
 - `merged_cp_linear` runs the layer on ``W + up V^T``, materialised for the call and not kept:
-  S*d_out*d_in*R multiply-adds whatever the number of tokens, so cheaper from d_in tokens on.
+  S*d_out*d_in*R multiply-adds whatever the number of tokens, fewer from d_in tokens on (layers
+  choose it from twice that; see `peft_cp.layer.Linear`).
 
 Both have the same backward, computed token by token; with g_s the output gradient of slice s:
 
-    dL/d h      = sum_s (g_s U) diag(c_s)            (T, R)
-    dL/d U      = sum_s g_s^T h diag(c_s)            (d_out, R)
-    dL/d c_s    = scale * sum_t (g_s U)[t] * h[t]    (S, R), for the unscaled c
+    dL/d h      = scale * sum_s (g_s U) diag(c_s)    (T, R)
+    dL/d U      = scale * sum_s g_s^T h diag(c_s)    (d_out, R)
+    dL/d c_s    = scale * sum_t (g_s U)[t] * h[t]    (S, R)
     dL/d x      = g W                                (the base layer's part; h's own gradient
                                                       reaches x through the node that made h)
 """
