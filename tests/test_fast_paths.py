@@ -342,3 +342,30 @@ def test_a_hooked_base_layer_is_never_bypassed(monkeypatch):
     assert merged_calls == [1] and hook_calls == [1]
     torch.testing.assert_close(unhooked, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [4, 20], ids=["per_token", "merged"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_recomputes_the_same_gradients(tokens, reentrant):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.GELU(), torch.nn.Linear(6, 5)),
+        AuroraConfig(rank=2, target_modules=["0", "2"], init_weights=False),
+    )
+    x = torch.randn(tokens, 5, requires_grad=True)
+
+    def gradients(checkpointed: bool) -> list[torch.Tensor]:
+        if checkpointed:
+            output = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
+        else:
+            output = model(x)
+        output.pow(2).sum().backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = [x.grad.clone(), *(p.grad.clone() for p in trainable)]
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    expected = gradients(checkpointed=False)
+    for grad, reference in zip(gradients(checkpointed=True), expected, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)

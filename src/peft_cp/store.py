@@ -147,8 +147,9 @@ class _DownProjectionCache:
     among the `capacity` entries and are projected once for all layers.
     An entry never outlives its usefulness: it is keyed on the input *object* (a weak reference,
     so a new tensor that reuses a freed buffer never matches), on its in-place version and on V's
-    (an optimizer step bumps it), and it is dropped as soon as backward reaches x V or the input
-    tensor is freed. A forward in grad mode that is never followed by backward leaves its last
+    (an optimizer step bumps it) and on the backward pass it was made in, if any (activation
+    checkpointing recomputes forwards there), and it is dropped as soon as backward reaches x V
+    or the input tensor is freed. A forward in grad mode that is never followed by backward leaves its last
     `capacity` entries per width (and the graph they reach) until newer inputs displace them or
     `AuroraFactorStore.clear_cache` is called. Deep copies and pickles start empty.
     """
@@ -172,6 +173,10 @@ class _DownProjectionCache:
             weight.dtype,
             torch.is_grad_enabled(),
             torch.is_autocast_enabled(x.device.type),
+            # -1 outside backward. An activation-checkpointed forward that is recomputed during
+            # backward then never reuses the x V of the original forward, which would change
+            # what the recomputation saves (non-reentrant checkpointing refuses that).
+            _current_graph_task(),
         )
 
     def lookup(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -227,3 +232,9 @@ class _DownProjectionCache:
 
     def __getstate__(self) -> dict:
         return {"_entries": {}}
+
+
+def _current_graph_task() -> int:
+    """The id of the backward pass running in this thread, -1 outside one."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
