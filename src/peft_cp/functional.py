@@ -43,11 +43,12 @@ class _AddCPUpdateInPlace(torch.autograd.Function):
         d_out, rank = u.shape
         # Row t*S + s of the (T*S, d_out) view of result is slice s of token t.
         scaled_hidden = _per_slice(hidden, coefficients, scale).view(-1, rank)  # (T*S, R)
-        if result.dtype == hidden.dtype and result.is_contiguous():
+        if result.dtype == scaled_hidden.dtype == u.dtype and result.is_contiguous():
             result.view(-1, d_out).addmm_(scaled_hidden, u.t())
         else:
-            # A low-precision base under fp32 factors: the update is computed in the factors'
-            # dtype and rounded once, exactly as the reference path does.
+            # A low-precision base under fp32 factors, or autocast (which leaves in-place ops
+            # alone): the update is computed as the reference path computes it, in the factors'
+            # dtype or autocast's, and rounded once.
             update = (scaled_hidden @ u.t()).view(result.shape)
             result.add_(update.to(result.dtype))
 

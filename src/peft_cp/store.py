@@ -149,9 +149,9 @@ class _DownProjectionCache:
     so a new tensor that reuses a freed buffer never matches), on its in-place version and on V's
     (an optimizer step bumps it) and on the backward pass it was made in, if any (activation
     checkpointing recomputes forwards there), and it is dropped as soon as backward reaches x V
-    or the input tensor is freed. A forward in grad mode that is never followed by backward leaves its last
-    `capacity` entries per width (and the graph they reach) until newer inputs displace them or
-    `AuroraFactorStore.clear_cache` is called. Deep copies and pickles start empty.
+    or the input tensor is freed. A forward in grad mode that is never followed by backward
+    leaves its last `capacity` entries per width (and the graph they reach) until newer inputs
+    displace them or `AuroraFactorStore.clear_cache` is called. Deep copies and pickles start empty.
     """
 
     capacity = 3
