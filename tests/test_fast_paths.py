@@ -45,9 +45,9 @@ def forward_backward(model, inputs, autocast=False):
     return outputs.detach(), grads, pixels.grad
 
 
-def assert_same_outputs_and_gradients(fast, reference, inputs, dtype, autocast=False):
-    fast_out, fast_grads, fast_pixel_grad = forward_backward(fast, inputs, autocast)
-    ref_out, ref_grads, ref_pixel_grad = forward_backward(reference, inputs, autocast)
+def assert_same_outputs_and_gradients(fast, reference, inputs, dtype):
+    fast_out, fast_grads, fast_pixel_grad = forward_backward(fast, inputs)
+    ref_out, ref_grads, ref_pixel_grad = forward_backward(reference, inputs)
 
     torch.testing.assert_close(fast_out, ref_out, **TOLERANCES[dtype])
     assert fast_grads.keys() == ref_grads.keys()
