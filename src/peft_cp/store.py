@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .functional import stacked_up
+
 
 class AuroraFactorStore(nn.Module):
     """Holds the CP factors of one adapter and builds each matrix's update from them.
@@ -100,9 +102,7 @@ class AuroraFactorStore(nn.Module):
 
         Multiplying x V (..., R) by its transpose gives the outputs of all S slices at once.
         """
-        coefficients = self.coefficients(rows) * scale  # (S, R)
-        stacked = self.U(d_out).unsqueeze(0) * coefficients.unsqueeze(1)  # (S, d_out, R)
-        return stacked.reshape(-1, self.rank)
+        return stacked_up(self.U(d_out), self.coefficients(rows), scale)
 
     def delta_weight(self, rows: slice, d_out: int, d_in: int, scale: float = 1.0) -> torch.Tensor:
         """The updates of the selected matrices, stacked along the output dim: (S*d_out, d_in)."""
