@@ -363,9 +363,9 @@ def relative(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value / reference
 
 
-def ratio(value: float | None, reference: float | None) -> str:
-    quotient = relative(value, reference)
-    return "n/a" if quotient is None else f"{quotient:.3f}"
+def cell(value: float | int | None, spec: str = ".3f") -> str:
+    """A table cell: `value` formatted with `spec`, or "n/a" where it was not measured."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def report(
@@ -379,12 +379,12 @@ def report(
 ) -> tuple[dict, str]:
     """The JSON result and the Markdown tables; a missing time or memory figure reads "n/a"."""
     flops, inference_flops = flops or {}, inference_flops or {}
-    floor_memory = memory.get("floor", {}).get("peak_mib")
-    reference_memory = memory.get(REFERENCE, {}).get("peak_mib")
+
+    def peak(name: str, field: str = "peak_mib") -> float | None:
+        return memory.get(name, {}).get(field)
 
     rows = []
     for name in args.configs:
-        peak = memory.get(name, {}).get("peak_mib")
         rows.append(
             {
                 "config": name,
@@ -394,13 +394,15 @@ def report(
                 "time_vs_uni512": relative(times.get(name), times.get(REFERENCE)),
                 "matmul_gflop": flops[name] / 1e9 if name in flops else None,
                 "flops_vs_floor": relative(flops.get(name), flops.get("floor")),
+                "flops_vs_uni512": relative(flops.get(name), flops.get(REFERENCE)),
                 **memory.get(name, {}),
-                "memory_vs_floor": relative(peak, floor_memory),
-                "memory_vs_uni512": relative(peak, reference_memory),
+                "memory_vs_floor": relative(peak(name), peak("floor")),
+                "memory_vs_uni512": relative(peak(name), peak(REFERENCE)),
+                "step_memory_vs_floor": relative(peak(name, "step_mib"), peak("floor", "step_mib")),
             }
         )
+    lines = _training_table(rows) if times else _flops_table(rows)
 
-    lines = _training_table(rows, times, flops) if times else _flops_table(rows, flops)
     inference_rows = []
     for name in inference_flops or inference:
         seconds, forward_flops = inference.get(name), inference_flops.get(name)
@@ -420,11 +422,9 @@ def report(
             "|---|---:|---:|---:|",
         ]
         for row in inference_rows:
-            seconds = row["forward_s"]
             lines.append(
-                f"| {row['model']} | {f'{seconds:.3f}' if seconds is not None else 'n/a'} "
-                f"| {ratio(seconds, inference.get('base'))} "
-                f"| {ratio(inference_flops.get(row['model']), inference_flops.get('base'))} |"
+                f"| {row['model']} | {cell(row['forward_s'])} | {cell(row['time_vs_base'])} "
+                f"| {cell(row['flops_vs_base'])} |"
             )
 
     settings = {
@@ -434,9 +434,7 @@ def report(
     return result, "\n".join(lines)
 
 
-def _training_table(rows: list[dict], times: dict[str, float], flops: dict[str, int]) -> list[str]:
-    memory = {row["config"]: row.get("peak_mib") for row in rows}
-    step_memory = {row["config"]: row.get("step_mib") for row in rows}
+def _training_table(rows: list[dict]) -> list[str]:
     lines = [
         "| config | #tunable | step (median s) | time / floor | matmul FLOPs / floor "
         "| time / UniAdapter-512 | peak memory (MiB) | memory / floor | memory / UniAdapter-512 "
@@ -444,31 +442,25 @@ def _training_table(rows: list[dict], times: dict[str, float], flops: dict[str, 
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        name, peak, step = row["config"], row.get("peak_mib"), row.get("step_mib")
         lines.append(
-            f"| {name} | {row['tunable']:,} | {times[name]:.3f} "
-            f"| {ratio(times[name], times.get('floor'))} "
-            f"| {ratio(flops.get(name), flops.get('floor'))} "
-            f"| {ratio(times[name], times.get(REFERENCE))} "
-            f"| {f'{peak:.0f}' if peak is not None else 'n/a'} "
-            f"| {ratio(peak, memory.get('floor'))} | {ratio(peak, memory.get(REFERENCE))} "
-            f"| {f'{step:.0f}' if step is not None else 'n/a'} "
-            f"| {ratio(step, step_memory.get('floor'))} |"
+            f"| {row['config']} | {row['tunable']:,} | {cell(row['step_s'])} "
+            f"| {cell(row['time_vs_floor'])} | {cell(row['flops_vs_floor'])} "
+            f"| {cell(row['time_vs_uni512'])} | {cell(row.get('peak_mib'), '.0f')} "
+            f"| {cell(row['memory_vs_floor'])} | {cell(row['memory_vs_uni512'])} "
+            f"| {cell(row.get('step_mib'), '.0f')} | {cell(row['step_memory_vs_floor'])} |"
         )
     return lines
 
 
-def _flops_table(rows: list[dict], flops: dict[str, int]) -> list[str]:
+def _flops_table(rows: list[dict]) -> list[str]:
     lines = [
         "| config | #tunable | matmul GFLOP per step | FLOPs / floor | FLOPs / UniAdapter-512 |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        name = row["config"]
         lines.append(
-            f"| {name} | {row['tunable']:,} | {flops[name] / 1e9:.1f} "
-            f"| {ratio(flops[name], flops.get('floor'))} "
-            f"| {ratio(flops[name], flops.get(REFERENCE))} |"
+            f"| {row['config']} | {row['tunable']:,} | {cell(row['matmul_gflop'], '.1f')} "
+            f"| {cell(row['flops_vs_floor'])} | {cell(row['flops_vs_uni512'])} |"
         )
     return lines
 
